@@ -1,0 +1,45 @@
+"""Auto-Encoding Variational Bayes (Kingma & Welling, 2014): the model and its learning algorithm.
+
+No Beam and no data I/O here: `pipeline` moves the data, this package learns from it.
+Names load on first use, so `import vae.config` (flag parsing) does not import TensorFlow.
+
+>>> import numpy as np
+>>> import vae
+>>> trainer = vae.Trainer(vae.VAEConfig(input_dim=4, latent_dim=2, hidden_dim=8))
+>>> trainer.train_step(np.eye(4, dtype=np.float32)).elbo.shape
+(4,)
+"""
+
+import importlib
+
+_EXPORTS = {
+    "VAEConfig": "vae.config",
+    "Evaluation": "vae.evaluate",
+    "evaluate": "vae.evaluate",
+    "importance_sampled_log_likelihood": "vae.evaluate",
+    "EXPORT_SEED": "vae.export",
+    "SIGNATURES": "vae.export",
+    "load_model": "vae.export",
+    "save": "vae.export",
+    "VAE": "vae.model",
+    "BoundParts": "vae.model",
+    "parameter_count": "vae.model",
+    "train_flops_per_example": "vae.model",
+    "Adagrad": "vae.optimizers",
+    "StepResult": "vae.train",
+    "Trainer": "vae.train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,90 @@
+"""Hyper-parameters of the model and of its learning algorithm.
+
+The defaults are the paper's MNIST setting (Kingma & Welling 2014, section 5):
+784-500-20 with tanh hidden units, minibatches of M = 100, L = 1 sample per datapoint,
+the SGVB estimator B (analytic KL) and Adagrad with global step size 0.02.
+
+>>> config = VAEConfig(input_dim=560, hidden_dim=200, likelihood="gaussian")
+>>> config.latent_dim, config.estimator
+(20, 'analytic_kl')
+>>> VAEConfig.from_dict(config.to_dict()) == config
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+Likelihood = Literal["bernoulli", "gaussian"]
+Estimator = Literal["analytic_kl", "monte_carlo_kl"]
+
+LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
+# The paper's SGVB estimator A (eq. 6) estimates the KL term by Monte Carlo too;
+# estimator B (eq. 7) integrates it analytically and has lower variance.
+ESTIMATORS: tuple[str, ...] = ("analytic_kl", "monte_carlo_kl")
+ESTIMATOR_ALIASES = {"A": "monte_carlo_kl", "B": "analytic_kl"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Everything needed to rebuild a model and its trainer.
+
+    Attributes:
+      input_dim: D, the number of observed variables per example.
+      latent_dim: J, the size of z.
+      hidden_dim: units of the one hidden tanh layer of encoder and of decoder.
+      likelihood: "bernoulli" for data in [0, 1] (MNIST), "gaussian" for continuous
+        data (Frey Face; sigmoid-squashed means, learned per-pixel variance).
+      estimator: "analytic_kl" (SGVB estimator B, default) or "monte_carlo_kl" (A).
+      samples_per_example: L, samples of z per datapoint in the bound estimate.
+      batch_size: M, examples per minibatch.
+      learning_rate: Adagrad's global step size (the paper picks from {0.01, 0.02, 0.1}).
+      weight_decay: coefficient of the MAP prior p(theta) = N(0, I); 0 disables it. For a
+        data set of N examples the paper's objective, divided by N, adds
+        weight_decay = 1 / N times log p(theta) to the per-example bound.
+      init_stddev: parameters start from N(0, init_stddev^2). The paper's "N(0, 0.01)" is
+        read as standard deviation 0.01, as in the authors' code and common replications.
+      seed: seeds parameter initialisation and the trainer's random generator.
+    """
+
+    input_dim: int = 784
+    latent_dim: int = 20
+    hidden_dim: int = 500
+    likelihood: Likelihood = "bernoulli"
+    estimator: Estimator = "analytic_kl"
+    samples_per_example: int = 1
+    batch_size: int = 100
+    learning_rate: float = 0.02
+    weight_decay: float = 0.0
+    init_stddev: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        estimator = ESTIMATOR_ALIASES.get(self.estimator, self.estimator)
+        object.__setattr__(self, "estimator", estimator)
+        for name in ("input_dim", "latent_dim", "hidden_dim", "samples_per_example", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(
+                f"estimator must be one of {ESTIMATORS} (or 'A'/'B'), got {self.estimator!r}"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not self.init_stddev > 0:
+            raise ValueError(f"init_stddev must be positive, got {self.init_stddev!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> VAEConfig:
+        """Builds a config from `to_dict` output, ignoring keys this version does not know."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})

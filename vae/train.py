@@ -1,0 +1,141 @@
+"""Online training: one compiled, test-then-train Adagrad step per minibatch.
+
+Each step first evaluates the SGVB bound of the incoming minibatch under the current
+parameters -- an honest estimate on data the model has not been trained on -- then ascends
+the gradient of that same estimate. A minibatch whose loss or gradients are not finite is
+counted and skipped; the parameters never see it.
+
+>>> import numpy as np
+>>> trainer = Trainer(VAEConfig(input_dim=4, latent_dim=2, hidden_dim=8, batch_size=2))
+>>> result = trainer.train_step(np.array([[0, 1, 1, 0], [1, 1, 0, 0]], np.float32))
+>>> result.elbo.shape, result.applied, trainer.examples_seen
+((2,), True, 2)
+>>> trainer.train_step(np.full((2, 4), np.nan, np.float32)).applied, trainer.skipped_steps
+(False, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from vae.config import VAEConfig
+from vae.model import VAE
+from vae.optimizers import Adagrad
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one step measured on its minibatch before updating (per example, nats)."""
+
+    elbo: np.ndarray
+    reconstruction_log_likelihood: np.ndarray
+    kl: np.ndarray
+    applied: bool
+
+
+class Trainer(tf.Module):
+    """The model, its optimiser and the counters and random state of a training run.
+
+    Everything a run needs to continue exactly is a variable tracked by this module, so
+    `tf.train.Checkpoint(trainer=trainer)` saves and restores it whole: parameters, Adagrad
+    accumulators, step, examples seen, skipped steps and the random generator.
+    """
+
+    def __init__(self, config: VAEConfig, name: str = "trainer") -> None:
+        super().__init__(name=name)
+        self.config = config
+        self.model = VAE(config)
+        self.optimizer = Adagrad(self.model.trainable_variables, config.learning_rate)
+        with self.name_scope:
+            self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self._examples_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples")
+            self._skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+            self.rng = tf.random.Generator.from_seed(config.seed)
+        self._compiled_step = tf.function(
+            self._train_step,
+            input_signature=[
+                tf.TensorSpec([None, config.input_dim], tf.float32),
+                tf.TensorSpec([], tf.int32),
+            ],
+            jit_compile=True,
+        )
+
+    @property
+    def step(self) -> int:
+        """Updates applied so far."""
+        return int(self._step.numpy())
+
+    @property
+    def examples_seen(self) -> int:
+        """Examples consumed so far, including those of skipped minibatches."""
+        return int(self._examples_seen.numpy())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Minibatches not applied because their loss or gradients were not finite."""
+        return int(self._skipped_steps.numpy())
+
+    def checkpoint(self) -> tf.train.Checkpoint:
+        """A checkpoint object over the whole training state; the caller writes it."""
+        return tf.train.Checkpoint(trainer=self)
+
+    def train_step(self, batch: np.ndarray) -> StepResult:
+        """Measures the bound of `batch` [B, D] and then updates on it.
+
+        A batch smaller than M (a stream's partial minibatch) is padded to M rows that the
+        loss masks out: XLA compiles one program per input shape, and a stream would
+        otherwise compile one for every partial size it meets.
+        """
+        batch = np.asarray(batch, dtype=np.float32)
+        count = len(batch)
+        if count == 0 or batch.ndim != 2 or batch.shape[1] != self.config.input_dim:
+            raise ValueError(
+                f"expected a non-empty batch of shape [B, {self.config.input_dim}], "
+                f"got {batch.shape}"
+            )
+        if count < self.config.batch_size:
+            padded = np.zeros((self.config.batch_size, self.config.input_dim), np.float32)
+            padded[:count] = batch
+            batch = padded
+        elbo, reconstruction, kl, applied = self._compiled_step(
+            tf.convert_to_tensor(batch), tf.constant(count, tf.int32)
+        )
+        return StepResult(
+            elbo.numpy()[:count],
+            reconstruction.numpy()[:count],
+            kl.numpy()[:count],
+            bool(applied),
+        )
+
+    def _train_step(self, x: tf.Tensor, count: tf.Tensor):
+        seed = self.rng.uniform_full_int([2], tf.int32)
+        variables = self.model.trainable_variables
+        real = tf.range(tf.shape(x)[0]) < count
+        with tf.GradientTape() as tape:
+            parts = self.model.bound(x, seed)
+            # tf.where, not a product with the mask: a padded row must not turn inf into nan.
+            loss = -tf.reduce_sum(tf.where(real, parts.elbo, 0.0)) / tf.cast(count, tf.float32)
+            if self.config.weight_decay:
+                loss -= self.config.weight_decay * self.model.prior_log_density()
+        gradients = tape.gradient(loss, variables)
+        finite = tf.reduce_all(
+            tf.stack(
+                [tf.math.is_finite(loss)] + [tf.reduce_all(tf.math.is_finite(g)) for g in gradients]
+            )
+        )
+
+        def apply() -> tf.Tensor:
+            self.optimizer.apply_gradients(gradients)
+            self._step.assign_add(1)
+            return tf.constant(True)
+
+        def skip() -> tf.Tensor:
+            self._skipped_steps.assign_add(1)
+            return tf.constant(False)
+
+        applied = tf.cond(finite, apply, skip)
+        self._examples_seen.assign_add(tf.cast(count, tf.int64))
+        return parts.elbo, parts.reconstruction_log_likelihood, parts.kl, applied
