@@ -96,6 +96,7 @@ def dataset_shape(name: str) -> DatasetShape:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     return _SHAPES[name]
 
+
 DATA_DIR_ENV = "AEVB_DATA_DIR"
 OFFLINE_ENV = "AEVB_OFFLINE"
 

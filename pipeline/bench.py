@@ -1,0 +1,212 @@
+"""Benchmarks behind `aevb bench ...`: each returns one JSON-ready dict.
+
+Timings on small shared machines move by 10-20% from run to run, so every benchmark that
+compares two things alternates them inside one call and reports medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+import vae
+from pipeline.datasets import Dataset
+from pipeline.replay import replay_chunks
+
+# Square enough to reach the BLAS kernel's peak, small enough to time in a fraction of a second.
+PEAK_MATMUL_SIZE = 1024
+
+
+def trainer_throughput(
+    config: vae.VAEConfig,
+    steps: int = 1000,
+    warmup_steps: int = 30,
+    repeats: int = 3,
+    reference_command: str | None = None,
+) -> dict[str, Any]:
+    """Samples per second of `Trainer.train_step` on random binary data.
+
+    The same work as the shared PyTorch reference (`../shared/bench/torch_reference.py`): 50
+    distinct minibatches cycled, results fetched to NumPy every step as a pipeline would.
+    With `reference_command`, that command runs between the repeats and the medians of
+    both are compared.
+    """
+    trainer = vae.Trainer(config)
+    rng = np.random.default_rng(config.seed)
+    data = (rng.random((50 * config.batch_size, config.input_dim)) > 0.5).astype(np.float32)
+    batches = np.split(data, 50)
+    for index in range(warmup_steps):
+        trainer.train_step(batches[index % 50])
+    runs, reference_runs = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for index in range(steps):
+            trainer.train_step(batches[index % 50])
+        runs.append(steps * config.batch_size / (time.perf_counter() - started))
+        if reference_command:
+            reference_runs.append(_run_reference(reference_command))
+    samples_per_second = statistics.median(runs)
+    flops = vae.train_flops_per_example(config)
+    step_gflops = samples_per_second * flops / 1e9
+    peak = matmul_gflops(PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE)
+    result: dict[str, Any] = {
+        "benchmark": "trainer",
+        "samples_per_second": samples_per_second,
+        "runs_samples_per_second": runs,
+        "config": config.to_dict(),
+        "flops_per_example": flops,
+        "achieved_gflops": step_gflops,
+        "machine_matmul_gflops": peak,
+        "fraction_of_matmul_rate": step_gflops / peak,
+        "step_shape_matmul_gflops": matmul_gflops(
+            config.batch_size, config.input_dim, config.hidden_dim
+        ),
+        "machine": machine(),
+    }
+    if reference_runs:
+        reference = statistics.median(reference_runs)
+        result.update(
+            reference_command=reference_command,
+            reference_samples_per_second=reference,
+            runs_reference_samples_per_second=reference_runs,
+            ratio_to_reference=samples_per_second / reference,
+        )
+    return result
+
+
+def matmul_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
+    """Sustained float32 matmul rate of this machine for [m, k] x [k, n], in GFLOP/s."""
+    a = tf.random.normal([m, k])
+    b = tf.random.normal([k, n])
+    repeats = 20
+
+    @tf.function
+    def product_chain(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        total = tf.zeros([m, n])
+        for _ in tf.range(repeats):
+            total += tf.matmul(a, b)
+        return total
+
+    product_chain(a, b).numpy()
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        product_chain(a, b).numpy()
+        calls += 1
+    elapsed = time.perf_counter() - started
+    return 2.0 * m * k * n * repeats * calls / elapsed / 1e9
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [
+                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
+            ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+    }
+
+
+def _run_reference(command: str) -> float:
+    completed = subprocess.run(
+        shlex.split(command), capture_output=True, text=True, check=True, timeout=600
+    )
+    last_line = completed.stdout.strip().splitlines()[-1]
+    return float(json.loads(last_line)["samples_per_second"])
+
+
+def pipeline_throughput(
+    dataset: Dataset,
+    config: vae.VAEConfig,
+    examples: int = 200_000,
+    chunk_size: int = 1000,
+    source: str = "dataset",
+    runner: str = "FnApiRunner",
+    extra_flags: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Steady-state samples/s of the streaming job against the bare trainer, same config.
+
+    Both are timed after their compile and start-up: the trainer after a warm-up, the
+    job between its first and last progress lines (the job writes one every 10 steps), so
+    the ratio measures what Beam adds per example, not start-up costs.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.job import run_training
+    from pipeline.progress import read_progress
+
+    trainer_rate = _bare_trainer_rate(dataset.train, config, examples)
+    with tempfile.TemporaryDirectory(prefix="aevb-bench-") as run_dir:
+        flags = [
+            f"--runner={runner}",
+            "--streaming",
+            f"--source={source}",
+            f"--dataset={dataset.name}",
+            f"--max-examples={examples}",
+            f"--chunk-size={chunk_size}",
+            f"--output={run_dir}",
+            "--log-every-steps=10",
+            f"--latent-dim={config.latent_dim}",
+            f"--hidden={config.hidden_dim}",
+            f"--batch-size={config.batch_size}",
+            f"--learning-rate={config.learning_rate}",
+            f"--seed={config.seed}",
+            *extra_flags,
+        ]
+        started = time.perf_counter()
+        run_training(PipelineOptions(flags))
+        total_seconds = time.perf_counter() - started
+        progress = read_progress(os.path.join(run_dir, "progress.jsonl"))
+    # Skip the first tenth: the first lines include compilation and the source's start.
+    steady = [p for p in progress if p["examples"] >= examples // 10]
+    first, last = steady[0], steady[-1]
+    pipeline_rate = (last["examples"] - first["examples"]) / (
+        last["wall_seconds"] - first["wall_seconds"]
+    )
+    return {
+        "benchmark": "pipeline",
+        "source": source,
+        "runner": runner,
+        "examples": examples,
+        "chunk_size": chunk_size,
+        "pipeline_samples_per_second": pipeline_rate,
+        "trainer_samples_per_second": trainer_rate,
+        "ratio": pipeline_rate / trainer_rate,
+        "pipeline_total_seconds": total_seconds,
+        "config": config.to_dict(),
+        "machine": machine(),
+    }
+
+
+def _bare_trainer_rate(data: np.ndarray, config: vae.VAEConfig, examples: int) -> float:
+    trainer = vae.Trainer(config)
+    batches = replay_chunks(data, config.batch_size, max_examples=examples, seed=config.seed)
+    warmup = 20
+    for _ in range(warmup):
+        trainer.train_step(next(batches))
+    started = time.perf_counter()
+    trained = 0
+    for batch in batches:
+        trainer.train_step(batch)
+        trained += len(batch)
+    return trained / (time.perf_counter() - started)

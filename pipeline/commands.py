@@ -1,0 +1,178 @@
+"""What each `aevb` subcommand does once its flags parsed (see `pipeline.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import vae
+from pipeline import bench as benchmarks
+from pipeline.cli import UsageError, print_json, writable_directory
+from pipeline.datasets import CorruptDataError, Dataset, DataUnavailableError, load_dataset
+from pipeline.job import examples_already_seen, run_training
+from pipeline.options import AEVBOptions, cadence, model_config, run_dir
+from pipeline.progress import read_progress
+from pipeline.report import bound_figure
+from pipeline.snapshots import read_metadata, resolve_version
+from pipeline.sources import parse_source
+
+logger = logging.getLogger("aevb")
+
+
+def train(args: argparse.Namespace) -> int:
+    flags = [arg for arg in args.argv if arg != "train"]
+    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in flags):
+        flags += ["--runner", args.runner]
+    options = PipelineOptions(flags)
+    aevb = options.view_as(AEVBOptions)
+    try:
+        kind, _ = parse_source(aevb.source)
+        config = model_config(aevb)
+        cadence(aevb)  # validates the cadence flags together
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    already = examples_already_seen(run_dir(aevb), aevb.model_key)
+    if aevb.max_examples is not None and already >= aevb.max_examples:
+        logger.info(
+            "%s has seen %d examples already (--max-examples %d): nothing to train",
+            run_dir(aevb),
+            already,
+            aevb.max_examples,
+        )
+        return 0
+    if kind == "dataset" or aevb.evaluate_every_examples:
+        # Fail here, in one line, rather than in a worker: the data must be loadable.
+        dataset = load_data(args)
+        logger.info(
+            "data: %s, %d training examples, from %s",
+            dataset.name,
+            len(dataset.train),
+            dataset.source,
+        )
+    logger.info(
+        "training %s from %s on %s%s; run directory %s",
+        _describe_config(config),
+        aevb.source,
+        args.runner,
+        " (streaming)" if args.streaming else "",
+        run_dir(aevb),
+    )
+    run_training(options)
+    for model_dir in sorted((pathlib.Path(run_dir(aevb)) / "snapshots").glob("[!.]*")):
+        newest = resolve_version(model_dir)
+        metadata = read_metadata(newest)
+        logger.info(
+            "%s: %s examples seen; newest snapshot %s",
+            model_dir.name,
+            metadata.get("examples_seen"),
+            newest,
+        )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    try:
+        version_dir = resolve_version(args.model)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    model = vae.load_model(version_dir)
+    dataset = load_data(args)
+    if dataset.input_dim != model.config.input_dim:
+        raise UsageError(
+            f"{version_dir} expects {model.config.input_dim} inputs, "
+            f"{dataset.name} has {dataset.input_dim}"
+        )
+    data = dataset.test if args.split == "test" else dataset.train
+    data = data[: args.max_examples]
+    result = vae.evaluate(model, data, importance_samples=args.importance_samples, seed=args.seed)
+    report = {
+        **result.to_dict(),
+        "model": str(version_dir),
+        "version": int(version_dir.name) if version_dir.name.isdigit() else None,
+        "examples_trained": read_metadata(version_dir).get("examples_seen"),
+        "dataset": dataset.name,
+        "split": args.split,
+    }
+    if args.json:
+        print_json(report)
+    else:
+        for name, value in report.items():
+            print(f"{name:32s} {value}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    progress_path = args.run_dir / "progress.jsonl"
+    if not progress_path.exists():
+        raise UsageError(f"{args.run_dir} has no progress.jsonl: is it the --output of a run?")
+    output = writable_directory(args.output or args.run_dir / "report", "--output")
+    entries = read_progress(progress_path)
+    written = [
+        bound_figure(
+            entries, output / "bound.png", title=args.title or args.run_dir.name, paper=args.paper
+        )
+    ]
+    for path in written:
+        print(path)
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    if args.bench == "trainer":
+        try:
+            config = model_config(args, input_dim=args.input_dim, likelihood="bernoulli")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        result = benchmarks.trainer_throughput(
+            config,
+            steps=args.steps,
+            warmup_steps=args.warmup_steps,
+            repeats=args.repeats,
+            reference_command=args.reference_command,
+        )
+    elif args.bench == "pipeline":
+        dataset = load_data(args)
+        try:
+            config = model_config(args, dataset.input_dim, dataset.likelihood)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        result = benchmarks.pipeline_throughput(
+            dataset,
+            config,
+            examples=args.examples,
+            chunk_size=args.chunk_size,
+            source=args.source,
+            runner=args.runner,
+            extra_flags=[
+                f"--{flag.replace('_', '-')}={getattr(args, flag)}"
+                for flag in ("data_dir", "fallback_dataset")
+                if getattr(args, flag) is not None
+            ],
+        )
+    else:
+        raise UsageError(f"unknown benchmark {args.bench!r}")
+    if args.json:
+        print_json(result)
+    else:
+        for name, value in result.items():
+            print(f"{name:32s} {value}")
+    return 0
+
+
+def load_data(args: argparse.Namespace) -> Dataset:
+    """The data set the flags name, with data errors turned into one-line usage errors."""
+    try:
+        return load_dataset(args.dataset, args.data_dir, fallback=args.fallback_dataset)
+    except (DataUnavailableError, CorruptDataError) as error:
+        raise UsageError(str(error)) from None
+
+
+def _describe_config(config: vae.VAEConfig) -> str:
+    return (
+        f"{config.input_dim}-{config.hidden_dim}-{config.latent_dim} {config.likelihood} VAE "
+        f"(M={config.batch_size}, L={config.samples_per_example}, {config.estimator}, "
+        f"Adagrad {config.learning_rate})"
+    )

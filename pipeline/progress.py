@@ -1,0 +1,89 @@
+"""`RUN_DIR/progress.jsonl` and what a person watching the run sees.
+
+One JSON line per logged step: the test-then-train averages over the examples since the
+previous line (a single minibatch's bound is too noisy to read), plus whatever evaluation
+ran at that point. On a terminal a one-line progress bar redraws in place; otherwise (CI,
+Beam workers, `nohup`) the same information goes to the log, one plain line each time.
+
+>>> import io, json, tempfile, pathlib
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "progress.jsonl"
+>>> log = ProgressLog(path, stream=io.StringIO())
+>>> log.write({"examples": 100, "elbo": -150.0})
+>>> json.loads(path.read_text())["elbo"]
+-150.0
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+from typing import Any, TextIO
+
+logger = logging.getLogger("aevb.progress")
+BAR_WIDTH = 24
+
+
+class ProgressLog:
+    """Appends JSON lines to a file and shows progress on a terminal or in the log."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        total_examples: int | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.total_examples = total_examples
+        self._stream = stream if stream is not None else sys.stderr
+        self._interactive = self._stream.isatty()
+
+    def write(self, entry: dict[str, Any]) -> None:
+        # One write of one line in append mode: lines from several worker processes
+        # appending to the same file do not interleave.
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._show(entry)
+
+    def close(self) -> None:
+        if self._interactive:
+            self._stream.write("\n")
+            self._stream.flush()
+
+    def _show(self, entry: dict[str, Any]) -> None:
+        text = describe(entry)
+        if not self._interactive:
+            logger.info(text)
+            return
+        examples = entry.get("examples", 0)
+        if self.total_examples:
+            done = min(1.0, examples / self.total_examples)
+            filled = int(done * BAR_WIDTH)
+            text = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {100 * done:5.1f}% {text}"
+        self._stream.write("\r\033[K" + text)
+        self._stream.flush()
+
+
+def describe(entry: dict[str, Any]) -> str:
+    """A short human-readable summary of a progress entry."""
+    parts = [f"{entry.get('key', 'default')}: {entry.get('examples', 0):,} examples"]
+    for name, label in (("elbo", "bound"), ("test_elbo", "test bound")):
+        if name in entry:
+            parts.append(f"{label} {entry[name]:.2f}")
+    if entry.get("examples_per_second"):
+        parts.append(f"{entry['examples_per_second']:,.0f} ex/s")
+    return "  ".join(parts)
+
+
+def read_progress(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All entries of a progress.jsonl file, skipping a torn last line of a killed run."""
+    entries = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
