@@ -13,7 +13,7 @@ from pipeline import bench as benchmarks
 from pipeline.cli import UsageError, print_json, writable_directory
 from pipeline.datasets import CorruptDataError, Dataset, DataUnavailableError, load_dataset
 from pipeline.job import examples_already_seen, run_training
-from pipeline.options import AEVBOptions, cadence, model_config, run_dir
+from pipeline.options import AEVBOptions, cadence, drift_settings, model_config, run_dir
 from pipeline.progress import read_progress
 from pipeline.report import bound_figure
 from pipeline.snapshots import read_metadata, resolve_version
@@ -32,6 +32,7 @@ def train(args: argparse.Namespace) -> int:
         kind, _ = parse_source(aevb.source)
         config = model_config(aevb)
         cadence(aevb)  # validates the cadence flags together
+        drift_settings(aevb)  # and the drift detector's
     except ValueError as error:
         raise UsageError(str(error)) from None
     already = examples_already_seen(run_dir(aevb), aevb.model_key)

@@ -3,7 +3,8 @@
 A bad record must never stop an unbounded job, and it must never vanish silently either:
 decoding and validation route it to the ``DEAD_LETTER_TAG`` output as a :class:`DeadLetter`,
 and :class:`WriteDeadLetters` appends it to ``RUN_DIR/dead_letter/`` and counts it in the
-Beam metric ``aevb/records_rejected_<reason>``.
+Beam metric ``aevb/records_rejected_total_<reason>`` and, when the job exports Prometheus
+metrics, in ``aevb_records_rejected_total{model, reason}``.
 
 ``position`` is a 1-based line number for text formats (CSV, JSON lines), a 0-based row or
 record index for binary formats (``.npy``, ``.npz``, ``.tfrecord``) and for chunks, and
@@ -33,6 +34,8 @@ from collections.abc import Iterator
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
+
+from pipeline import metrics
 
 __all__ = [
     "DEAD_LETTER_TAG",
@@ -110,15 +113,19 @@ _write_lock = threading.Lock()
 
 
 class _WriteDeadLettersFn(beam.DoFn):
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, model_key: str, prometheus: bool) -> None:
         self._run_dir = run_dir
+        self._model_key = model_key
+        self._prometheus = prometheus
 
     def setup(self) -> None:
         self._counters = {
-            reason: Metrics.counter(METRICS_NAMESPACE, f"records_rejected_{reason}")
+            reason: Metrics.counter(METRICS_NAMESPACE, f"records_rejected_total_{reason}")
             for reason in REASONS
         }
         self._file = None
+        if self._prometheus:
+            metrics.init_rejected(self._model_key, REASONS)
 
     def process(self, letter: DeadLetter) -> Iterator[DeadLetter]:
         line = json.dumps(
@@ -135,6 +142,8 @@ class _WriteDeadLettersFn(beam.DoFn):
             # Dead letters are rare and are what one inspects after a crash: never buffer.
             self._file.flush()
         self._counters[letter.reason].inc()
+        if self._prometheus:
+            metrics.count_rejected(self._model_key, letter.reason)
         yield letter
 
     def teardown(self) -> None:
@@ -147,15 +156,20 @@ class WriteDeadLetters(beam.PTransform):
     """Appends dead letters to ``RUN_DIR/dead_letter/dead_letter-<host>-<pid>.jsonl``.
 
     Each line is a JSON object with the :class:`DeadLetter` fields and
-    ``seen_unix_seconds``; the Beam counter ``aevb/records_rejected_<reason>`` counts them.
+    ``seen_unix_seconds``; the Beam counter ``aevb/records_rejected_total_<reason>`` counts
+    them, and with ``prometheus`` also ``aevb_records_rejected_total{model=model_key,
+    reason}`` (a rejected record has no trustworthy key of its own: it counts for the job's
+    default model key).
     The letters pass through unchanged, so callers can count or test them. The files are
     appended to directly (not with ``WriteToText``, which needs windows in streaming), so
     ``run_dir`` must be a local or mounted directory on every worker.
     """
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, model_key: str = "default", prometheus: bool = False) -> None:
         super().__init__()
         self._run_dir = os.fspath(run_dir)
+        self._model_key = model_key
+        self._prometheus = prometheus
         if "://" in self._run_dir:
             raise ValueError(
                 f"run_dir {self._run_dir!r}: dead letters are appended to files, which needs "
@@ -163,4 +177,6 @@ class WriteDeadLetters(beam.PTransform):
             )
 
     def expand(self, letters: beam.PCollection) -> beam.PCollection:
-        return letters | "AppendDeadLetters" >> beam.ParDo(_WriteDeadLettersFn(self._run_dir))
+        return letters | "AppendDeadLetters" >> beam.ParDo(
+            _WriteDeadLettersFn(self._run_dir, self._model_key, self._prometheus)
+        )

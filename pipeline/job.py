@@ -3,7 +3,11 @@
     read (dataset | files | kafka)
       -> decode and validate  --(bad records)--> dead_letter/*.jsonl
       -> TrainVAE (key, minibatch, test-then-train)
-      -> training records  -> (metrics, drift, snapshots downstream)
+      -> training records
+
+Each model key's session updates the Prometheus metrics and watches the bound for drift
+(`pipeline.metrics`, `pipeline.drift`); `run_training` serves /metrics (--metrics-port) or
+pushes to a Pushgateway (--pushgateway) from the driver.
 
 `build_training_pipeline` applies these steps to a pipeline the caller owns, so the job
 can be extended or tested; `run_training` is what `aevb train` calls.
@@ -26,7 +30,16 @@ from pipeline import lifecycle
 from pipeline.checkpoints import CheckpointStore
 from pipeline.dead_letter import DEAD_LETTER_TAG, WriteDeadLetters
 from pipeline.decode import DecodeFiles, DecodeRecords, ValidateChunks
-from pipeline.options import AEVBOptions, cadence, input_spec, model_config, run_dir
+from pipeline.metrics import MetricsExport
+from pipeline.options import (
+    AEVBOptions,
+    cadence,
+    drift_settings,
+    input_spec,
+    metrics_settings,
+    model_config,
+    run_dir,
+)
 from pipeline.sources import ReplayDataset, kafka_source, parse_source, read_files
 from pipeline.trainer import TestSetEvaluation, TrainVAE, close_live_sessions
 
@@ -126,8 +139,14 @@ def build_training_pipeline(
         job_id=job_id,
         evaluation=evaluation,
         streaming=streaming,
+        metrics=metrics_settings(options),
+        drift=drift_settings(options),
     )
-    dead_letters = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(directory)
+    dead_letters = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
+        directory,
+        model_key=options.model_key,
+        prometheus=metrics_settings(options) is not None,
+    )
     return TrainingJob(records=records, dead_letters=dead_letters, job_id=job_id)
 
 
@@ -137,10 +156,22 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     The first Ctrl-C (or SIGTERM) drains: sources stop, buffered minibatches train, the
     final checkpoint and snapshot are written, the job ends normally. A second Ctrl-C stops
     at once, still checkpointing the models open in this process.
+
+    With --metrics-port or --pushgateway, metrics go to Prometheus from this process (see
+    `pipeline.metrics.MetricsExport`), set up before any worker process starts.
     """
     aevb_options = options.view_as(AEVBOptions)
     directory = run_dir(aevb_options)
     os.makedirs(directory, exist_ok=True)
+    export = None
+    if metrics_settings(aevb_options) is not None:
+        export = MetricsExport(
+            address=aevb_options.metrics_address,
+            port=aevb_options.metrics_port,
+            pushgateway=aevb_options.pushgateway,
+            push_job=aevb_options.push_job,
+            push_interval_seconds=aevb_options.push_interval_seconds,
+        ).start()
     pipeline = beam.Pipeline(options=options)
     job = build_training_pipeline(pipeline, aevb_options)
 
@@ -163,6 +194,8 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
         closed = close_live_sessions(directory)
         if closed:
             logger.info("wrote final checkpoints and snapshots of %d models", closed)
+        if export is not None:
+            export.close()  # after the final snapshots: the last push includes them
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         lifecycle.clear(job.job_id)

@@ -24,16 +24,18 @@ import os
 import pathlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 import vae
 from pipeline.checkpoints import CheckpointStore
+from pipeline.drift import DriftDetection, DriftMonitor, DriftSettings
+from pipeline.observers import SessionObserver
 from pipeline.progress import ProgressLog
 from pipeline.records import TrainingRecord, validate_model_key
-from pipeline.snapshots import SnapshotWriter
+from pipeline.snapshots import SnapshotWriter, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,12 @@ class TrainingSession:
     """Trains one model key and keeps its run directory current.
 
     Thread-safe: a worker's threads may share one session per key (see `pipeline.trainer`).
+
+    `observers` hear of every record, snapshot and drift detection (`SessionObserver`).
+    With `drift` settings, a `DriftMonitor` watches the test-then-train negative bound; a
+    detection is logged, written to progress.jsonl as a line with a "drift" field, told to
+    the observers, and snapshotted at once (reason "drift"). The detector starts afresh
+    when a session resumes: its state is not checkpointed.
     """
 
     def __init__(
@@ -78,6 +86,8 @@ class TrainingSession:
         progress: ProgressLog | None = None,
         evaluator: Callable[[vae.VAE], dict[str, Any]] | None = None,
         clock: Callable[[], float] = time.time,
+        observers: Sequence[SessionObserver] = (),
+        drift: DriftSettings | None = None,
     ) -> None:
         self.run_dir = pathlib.Path(run_dir)
         self.key = validate_model_key(key)
@@ -96,6 +106,16 @@ class TrainingSession:
         self._last_checkpoint_step = self.trainer.step
         self._window = _Window()
         self._lock = threading.RLock()
+        self.observers = tuple(observers)
+        self.drift = DriftMonitor(drift) if drift is not None and drift.enabled else None
+        self.drift_detections: list[DriftDetection] = []
+        self._notify(
+            "on_open",
+            self.key,
+            self._newest_snapshot_time(),
+            self.drift.detector if self.drift else None,
+            self.drift.threshold if self.drift else None,
+        )
 
     @property
     def examples_seen(self) -> int:
@@ -133,8 +153,59 @@ class TrainingSession:
                 len(batch),
             )
         self._window.add(record)
+        self._notify("on_record", record)
         self._after_step(record)
+        if self.drift is not None and record.applied:
+            self._watch_drift(record)
         return record
+
+    def _watch_drift(self, record: TrainingRecord) -> None:
+        detection = self.drift.update(
+            -record.elbo, record.examples_seen, key=self.key, step=record.step
+        )
+        self._notify("on_drift_statistic", self.key, self.drift.detector, self.drift.statistic)
+        if detection is None:
+            return
+        self.drift_detections.append(detection)
+        logger.warning(
+            "%s: drift detected by %s at %d examples seen: statistic %.2f > %.2f "
+            "(minibatch negative bound %.2f nats, baseline %.2f)",
+            self.key,
+            detection.detector,
+            detection.examples_seen,
+            detection.statistic,
+            detection.threshold,
+            detection.value,
+            detection.baseline,
+        )
+        self.progress.write(
+            {
+                "key": self.key,
+                "step": self.trainer.step,
+                "examples": detection.examples_seen,
+                "wall_seconds": round(time.perf_counter() - self._started, 3),
+                "drift": detection.to_dict(),
+            }
+        )
+        self._notify("on_drift", detection)
+        self._snapshot("drift")
+
+    def _notify(self, method: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:  # an observer must never stop training
+                logger.exception("%s: observer %r failed in %s", self.key, observer, method)
+
+    def _newest_snapshot_time(self) -> float:
+        newest = self.snapshots.latest_version()
+        if newest is not None:
+            created = read_metadata(self.snapshots.model_dir / str(newest)).get(
+                "created_unix_seconds"
+            )
+            if created is not None:
+                return float(created)
+        return self.clock()
 
     def snapshot(self, reason: str) -> pathlib.Path:
         """Exports the current model as a new snapshot version now."""
@@ -155,6 +226,8 @@ class TrainingSession:
         self._last_snapshot_time = self.clock()
         self._last_snapshot_examples = self.trainer.examples_seen
         logger.info("%s: snapshot %s (%s)", self.key, path, reason)
+        created = read_metadata(path).get("created_unix_seconds", self._last_snapshot_time)
+        self._notify("on_snapshot", self.key, str(path), reason, float(created))
         return path
 
     def checkpoint(self) -> None:

@@ -39,6 +39,9 @@ from apache_beam.utils.timestamp import Timestamp
 
 import vae
 from pipeline import lifecycle
+from pipeline.drift import DriftSettings
+from pipeline.metrics import BeamCounters, MetricsSettings, PrometheusObserver
+from pipeline.observers import SessionObserver
 from pipeline.records import TrainingRecord, validate_model_key
 from pipeline.session import Cadence, TrainingSession
 
@@ -68,6 +71,8 @@ class TrainerSpec:
     job_id: str | None = None
     evaluation: TestSetEvaluation | None = None
     streaming: bool = False
+    metrics: MetricsSettings | None = None
+    drift: DriftSettings | None = None
 
 
 class TrainVAE(beam.PTransform):
@@ -90,6 +95,8 @@ class TrainVAE(beam.PTransform):
         evaluation: TestSetEvaluation | None = None,
         streaming: bool = False,
         clock: Callable[[], float] = time.time,
+        metrics: MetricsSettings | None = None,
+        drift: DriftSettings | None = None,
     ) -> None:
         super().__init__()
         self.spec = TrainerSpec(
@@ -101,6 +108,8 @@ class TrainVAE(beam.PTransform):
             job_id=job_id,
             evaluation=evaluation,
             streaming=streaming,
+            metrics=metrics,
+            drift=drift,
         )
         self.default_key = validate_model_key(default_key)
         self.clock = clock
@@ -143,9 +152,8 @@ class TrainerDoFn(beam.DoFn):
     def __init__(self, spec: TrainerSpec, clock: Callable[[], float] = time.time) -> None:
         self.spec = spec
         self.clock = clock
-        self.examples_counter = Metrics.counter("aevb", "examples_total")
-        self.steps_counter = Metrics.counter("aevb", "train_steps_total")
-        self.skipped_counter = Metrics.counter("aevb", "skipped_steps_non_finite")
+        # examples_total, train_steps_total, skipped_steps_total_<reason>, snapshots_total
+        # and drift_detections_total are counted by the sessions' `BeamCounters` observer.
         self.dropped_counter = Metrics.counter("aevb", "examples_beyond_max_examples")
 
     def setup(self) -> None:
@@ -223,13 +231,7 @@ class TrainerDoFn(beam.DoFn):
             yield self._train(session, rows, Timestamp.of(self.clock()))
 
     def _train(self, session: TrainingSession, batch: np.ndarray, timestamp) -> TrainingRecord:
-        record = session.train(batch, event_time=float(timestamp))
-        self.examples_counter.inc(len(batch))
-        if record.applied:
-            self.steps_counter.inc()
-        else:
-            self.skipped_counter.inc()
-        return record
+        return session.train(batch, event_time=float(timestamp))
 
     def _within_limit(self, session: TrainingSession, rows: np.ndarray) -> np.ndarray:
         if self.spec.max_examples is None:
@@ -285,10 +287,25 @@ def _open_session(
         session = _live_sessions.get((spec.run_dir, key))
         if session is None:
             session = TrainingSession(
-                spec.run_dir, key, spec.config, spec.cadence, evaluator=evaluator, clock=clock
+                spec.run_dir,
+                key,
+                spec.config,
+                spec.cadence,
+                evaluator=evaluator,
+                clock=clock,
+                observers=_observers(spec.metrics),
+                drift=spec.drift,
             )
             _live_sessions[(spec.run_dir, key)] = session
         return session
+
+
+def _observers(metrics: MetricsSettings | None) -> list[SessionObserver]:
+    """Beam counters always; Prometheus metrics when the job exports them."""
+    observers: list[SessionObserver] = [BeamCounters()]
+    if metrics is not None and metrics.enabled:
+        observers.append(PrometheusObserver())
+    return observers
 
 
 def _close(session: TrainingSession) -> None:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "evaluate": "vae.evaluate",
     "importance_sampled_log_likelihood": "vae.evaluate",
     "EXPORT_SEED": "vae.export",
+    "Exporter": "vae.export",
     "SIGNATURES": "vae.export",
     "load_model": "vae.export",
     "save": "vae.export",

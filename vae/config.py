@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Literal
 
 Likelihood = Literal["bernoulli", "gaussian"]
@@ -65,8 +66,9 @@ class VAEConfig:
         object.__setattr__(self, "estimator", estimator)
         for name in ("input_dim", "latent_dim", "hidden_dim", "samples_per_example", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.estimator not in ESTIMATORS:

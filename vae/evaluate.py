@@ -73,7 +73,10 @@ def importance_sampled_log_likelihood(
     """
     if samples <= 0:
         raise ValueError(f"samples must be positive, got {samples}")
-    dim = model.config.input_dim
+    if len(data) == 0:
+        raise ValueError("cannot estimate the log-likelihood of an empty data set")
+    # The widest per-sample tensor is the decoder's output or its hidden layer.
+    dim = max(model.config.input_dim, model.config.hidden_dim)
     examples_per_batch = max(1, min(len(data), max_elements_per_chunk // (dim * min(samples, 500))))
     samples_per_chunk = max(1, min(samples, max_elements_per_chunk // (dim * examples_per_batch)))
     compiled = _compiled_log_weights(model)

@@ -85,10 +85,25 @@ class ServingModule(tf.Module):
         return {"z": z, "mean": self.model.decoder_mean(z)}
 
 
+class Exporter:
+    """Writes snapshots of one model again and again, tracing its signatures only once.
+
+    Tracing six signatures costs seconds; saving already traced ones a fraction of that,
+    which is what keeps periodic snapshots from stalling training.
+    """
+
+    def __init__(self, model: VAE) -> None:
+        self.model = model
+        self._module = ServingModule(model)
+        self._signatures = self._module.signatures()
+
+    def save(self, directory: str | os.PathLike) -> None:
+        tf.saved_model.save(self._module, os.fspath(directory), signatures=self._signatures)
+
+
 def save(model: VAE, directory: str | os.PathLike) -> None:
     """Writes `model` as a SavedModel with the signatures above into `directory`."""
-    module = ServingModule(model)
-    tf.saved_model.save(module, os.fspath(directory), signatures=module.signatures())
+    Exporter(model).save(directory)
 
 
 def load_model(directory: str | os.PathLike) -> VAE:

@@ -41,10 +41,13 @@ class Dense(tf.Module):
         self, in_dim: int, out_dim: int, stddev: float, rng: np.random.Generator, name: str
     ) -> None:
         super().__init__(name=name)
-        self.kernel = tf.Variable(
-            rng.normal(0.0, stddev, (in_dim, out_dim)).astype(np.float32), name="kernel"
-        )
-        self.bias = tf.Variable(rng.normal(0.0, stddev, (out_dim,)).astype(np.float32), name="bias")
+        with self.name_scope:
+            self.kernel = tf.Variable(
+                rng.normal(0.0, stddev, (in_dim, out_dim)).astype(np.float32), name="kernel"
+            )
+            self.bias = tf.Variable(
+                rng.normal(0.0, stddev, (out_dim,)).astype(np.float32), name="bias"
+            )
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         return tf.matmul(x, self.kernel) + self.bias
@@ -99,8 +102,10 @@ class VAE(tf.Module):
     def bound(self, x: tf.Tensor, seed: tf.Tensor | list[int]) -> BoundParts:
         """The SGVB estimate of the variational lower bound for each example of x.
 
-        `seed` is a stateless seed (shape [2]): the same seed gives the same estimate, which is
-        what makes checkpoint/restore and export round trips exact.
+        `seed` is a stateless seed (shape [2]): the same seed gives the same estimate within
+        one execution mode, which is what makes checkpoint/restore and export round trips
+        exact. (XLA's stateless sampler draws other numbers than TensorFlow's kernel for the
+        same seed, so the compiled training step and an eager call differ in their z.)
         """
         x = tf.convert_to_tensor(x, tf.float32)
         samples = self.config.samples_per_example
