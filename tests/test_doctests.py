@@ -14,7 +14,7 @@ SUBMODULES = sorted(
 MODULES = ["vae", *SUBMODULES]
 # Modules whose docstrings are known to carry examples: an empty run there means the
 # examples vanished (or doctest stopped finding them), which should fail loudly.
-WITH_EXAMPLES = {"vae", "vae.config", "vae.model", "vae.optimizers", "vae.train", "vae.evaluate"}
+WITH_EXAMPLES = {"vae", "vae.config", "vae.model", "vae.optimizers", "vae.train", "vae.evaluation"}
 
 
 def test_every_module_is_listed() -> None:

@@ -1,4 +1,4 @@
-"""Tests for vae.evaluate: the average bound and the importance-sampled log-likelihood."""
+"""Tests for vae.evaluation: the average bound and the importance-sampled log-likelihood."""
 
 import dataclasses
 import math
@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from vae.config import VAEConfig
-from vae.evaluate import (
+from vae.evaluation import (
     Evaluation,
     bound_per_example,
     evaluate,

@@ -14,9 +14,9 @@ import importlib
 
 _EXPORTS = {
     "VAEConfig": "vae.config",
-    "Evaluation": "vae.evaluate",
-    "evaluate": "vae.evaluate",
-    "importance_sampled_log_likelihood": "vae.evaluate",
+    "Evaluation": "vae.evaluation",
+    "evaluate": "vae.evaluation",
+    "importance_sampled_log_likelihood": "vae.evaluation",
     "EXPORT_SEED": "vae.export",
     "Exporter": "vae.export",
     "SIGNATURES": "vae.export",

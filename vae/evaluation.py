@@ -16,6 +16,7 @@ inequality its expectation lies between the bound and log p(x), and it tightens 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -124,25 +125,41 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
     return peak + np.log(np.exp(values - peak).sum(axis=0))
 
 
+# Compiled once per model: a new tf.function per call would retrace at every evaluation,
+# which periodic evaluation during training does thousands of times.
+_compiled: weakref.WeakKeyDictionary[VAE, dict[str, tf.types.experimental.GenericFunction]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _compiled_bound(model: VAE):
-    return tf.function(
-        model.bound,
-        input_signature=[
-            tf.TensorSpec([None, model.config.input_dim], tf.float32),
-            tf.TensorSpec([2], tf.int32),
-        ],
-    )
+    functions = _compiled.setdefault(model, {})
+    if "bound" not in functions:
+        # Through a weak reference: the cache must not keep its own key alive.
+        model_ref = weakref.ref(model)
+        functions["bound"] = tf.function(
+            lambda x, seed: model_ref().bound(x, seed),
+            input_signature=[
+                tf.TensorSpec([None, model.config.input_dim], tf.float32),
+                tf.TensorSpec([2], tf.int32),
+            ],
+        )
+    return functions["bound"]
 
 
 def _compiled_log_weights(model: VAE):
-    return tf.function(
-        model.log_importance_weights,
-        input_signature=[
-            tf.TensorSpec([None, model.config.input_dim], tf.float32),
-            tf.TensorSpec([], tf.int32),
-            tf.TensorSpec([2], tf.int32),
-        ],
-    )
+    functions = _compiled.setdefault(model, {})
+    if "log_weights" not in functions:
+        model_ref = weakref.ref(model)
+        functions["log_weights"] = tf.function(
+            lambda x, samples, seed: model_ref().log_importance_weights(x, samples, seed),
+            input_signature=[
+                tf.TensorSpec([None, model.config.input_dim], tf.float32),
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([2], tf.int32),
+            ],
+        )
+    return functions["log_weights"]
 
 
 __all__ = [
