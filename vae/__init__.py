@@ -2,6 +2,8 @@
 
 No Beam and no data I/O here: `pipeline` moves the data, this package learns from it.
 Names load on first use, so `import vae.config` (flag parsing) does not import TensorFlow.
+`vae.load(path)` runs a snapshot's signatures on NumPy arrays without importing TensorFlow
+Probability (`vae.load_model(path)` rebuilds the trainable `vae.VAE`).
 
 >>> import numpy as np
 >>> import vae
@@ -19,14 +21,21 @@ _EXPORTS = {
     "importance_sampled_log_likelihood": "vae.evaluation",
     "EXPORT_SEED": "vae.export",
     "Exporter": "vae.export",
-    "SIGNATURES": "vae.export",
     "load_model": "vae.export",
     "save": "vae.export",
+    "LoadedModel": "vae.serving",
+    "SIGNATURES": "vae.serving",
+    "WARMUP_PATH": "vae.serving",
+    "load": "vae.serving",
+    "resolve_version": "vae.versions",
+    "version_directories": "vae.versions",
     "VAE": "vae.model",
     "BoundParts": "vae.model",
     "parameter_count": "vae.model",
     "train_flops_per_example": "vae.model",
     "Adagrad": "vae.optimizers",
+    "Adam": "vae.optimizers",
+    "RMSProp": "vae.optimizers",
     "StepResult": "vae.train",
     "Trainer": "vae.train",
 }

@@ -25,6 +25,8 @@ LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
 # estimator B (eq. 7) integrates it analytically and has lower variance.
 ESTIMATORS: tuple[str, ...] = ("analytic_kl", "monte_carlo_kl")
 ESTIMATOR_ALIASES = {"A": "monte_carlo_kl", "B": "analytic_kl"}
+# Spelled out here, not imported from vae.optimizers: this module must not import TensorFlow.
+OPTIMIZERS: tuple[str, ...] = ("adagrad", "rmsprop", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,10 @@ class VAEConfig:
       weight_decay: coefficient of the MAP prior p(theta) = N(0, I); 0 disables it. For a
         data set of N examples the paper's objective, divided by N, adds
         weight_decay = 1 / N times log p(theta) to the per-example bound.
+      optimizer: "adagrad" (the paper's), or "rmsprop"/"adam" as baselines on drifting data.
+      accumulator_half_life_examples: None for the paper's Adagrad, whose squared-gradient
+        sums grow for ever; a number of examples makes them forget with that half-life, so
+        the model keeps adapting to a drifting stream (see `vae.optimizers`).
       init_stddev: parameters start from N(0, init_stddev^2). The paper's "N(0, 0.01)" is
         read as standard deviation 0.01, as in the authors' code and common replications.
       seed: seeds parameter initialisation and the trainer's random generator.
@@ -58,6 +64,8 @@ class VAEConfig:
     batch_size: int = 100
     learning_rate: float = 0.02
     weight_decay: float = 0.0
+    optimizer: str = "adagrad"
+    accumulator_half_life_examples: float | None = None
     init_stddev: float = 0.01
     seed: int = 0
 
@@ -79,6 +87,14 @@ class VAEConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        half_life = self.accumulator_half_life_examples
+        if half_life is not None and (self.optimizer != "adagrad" or not half_life > 0):
+            raise ValueError(
+                "accumulator_half_life_examples must be a positive number of examples and "
+                f"applies to adagrad only, got {half_life!r} with {self.optimizer!r}"
+            )
         if not self.init_stddev > 0:
             raise ValueError(f"init_stddev must be positive, got {self.init_stddev!r}")
 

@@ -24,10 +24,10 @@ import tensorflow as tf
 
 from vae.config import VAEConfig
 from vae.model import VAE
+from vae.serving import SIGNATURES
 
 EXPORT_SEED = (0, 0)
 LAYERS = ("encoder_hidden", "encoder_output", "decoder_hidden", "decoder_output")
-SIGNATURES = ("serving_default", "encode", "decode", "elbo", "score", "sample")
 
 
 class ServingModule(tf.Module):

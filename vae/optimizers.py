@@ -1,12 +1,23 @@
-"""Adagrad, the paper's optimiser, with its state kept in checkpointable variables.
+"""Adagrad, the paper's optimiser, and what a non-stationary stream asks of it.
 
-theta <- theta - lr * g / (sqrt(sum of past g^2) + eps), accumulators starting at zero
-(Duchi et al. 2011; the same update as `torch.optim.Adagrad` with its defaults).
+Adagrad: theta <- theta - lr * g / (sqrt(G) + eps), G the sum of all past g^2, starting at
+zero (Duchi et al. 2011; the update of `torch.optim.Adagrad` with its defaults). Because G
+only grows, the steps shrink for ever and a model adapts ever more slowly to a change in
+its data. Two remedies keep Adagrad's per-parameter scaling:
+
+- `reset()`: forget G when a drift detector fires, so the next steps are as large as the
+  first ones;
+- `half_life_examples`: exponential forgetting, G <- decay * G + g^2 with
+  decay = 0.5 ** (batch / half_life_examples), so a gradient's weight in G halves every
+  `half_life_examples` examples and the step size settles instead of vanishing.
+
+RMSProp and Adam are here as the usual baselines for comparison. Every optimiser keeps its
+state in variables tracked by its module, so the state is part of a trainer's checkpoint.
 
 >>> import tensorflow as tf
 >>> w = tf.Variable([1.0, -1.0])
 >>> adagrad = Adagrad([w], learning_rate=0.5)
->>> adagrad.apply_gradients([tf.constant([2.0, -4.0])])
+>>> adagrad.apply_gradients([tf.constant([2.0, -4.0])], batch_size=1)
 >>> [round(float(v), 4) for v in w.numpy()]   # the first step moves each weight by lr
 [0.5, -0.5]
 """
@@ -17,28 +28,68 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from vae.config import OPTIMIZERS
+
 EPSILON = 1e-10
+ADAM_EPSILON = 1e-8
 
 
-class Adagrad(tf.Module):
-    """Per-parameter step sizes lr / sqrt(sum of squared gradients)."""
+class Optimizer(tf.Module):
+    """State per parameter in slot variables; `apply_gradients` runs inside tf.function."""
 
-    def __init__(
-        self, variables: Sequence[tf.Variable], learning_rate: float, name: str = "adagrad"
-    ) -> None:
+    def __init__(self, variables: Sequence[tf.Variable], learning_rate: float, name: str):
         super().__init__(name=name)
         self.learning_rate = learning_rate
         # Kept as a tuple of references, not tracked: the model owns and checkpoints them.
         self._variables = tuple(variables)
+
+    def _slots(self, label: str) -> list[tf.Variable]:
         with self.name_scope:
-            self.accumulators = [
+            return [
                 tf.Variable(
-                    tf.zeros_like(v), trainable=False, name=v.name.split(":")[0] + "_accumulator"
+                    tf.zeros_like(v),
+                    trainable=False,
+                    name=v.name.split(":")[0].replace("/", "_") + "_" + label,
                 )
                 for v in self._variables
             ]
 
-    def apply_gradients(self, gradients: Sequence[tf.Tensor]) -> None:
+    def apply_gradients(self, gradients: Sequence[tf.Tensor], batch_size: tf.Tensor) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forgets the gradient history: the next steps are as large as the first ones."""
+        for slot in self.trainable_state():
+            slot.assign(tf.zeros_like(slot))
+
+    def trainable_state(self) -> list[tf.Variable]:
+        return []
+
+
+class Adagrad(Optimizer):
+    """Per-parameter step sizes lr / sqrt(sum of squared gradients), optionally forgetting."""
+
+    def __init__(
+        self,
+        variables: Sequence[tf.Variable],
+        learning_rate: float,
+        half_life_examples: float | None = None,
+        name: str = "adagrad",
+    ) -> None:
+        super().__init__(variables, learning_rate, name)
+        if half_life_examples is not None and not half_life_examples > 0:
+            raise ValueError(f"half_life_examples must be positive, got {half_life_examples}")
+        self.half_life_examples = half_life_examples
+        self.accumulators = self._slots("accumulator")
+
+    def trainable_state(self) -> list[tf.Variable]:
+        return self.accumulators
+
+    def apply_gradients(self, gradients: Sequence[tf.Tensor], batch_size: tf.Tensor = 1) -> None:
+        if self.half_life_examples is not None:
+            decay = tf.pow(0.5, tf.cast(batch_size, tf.float32) / self.half_life_examples)
+            for accumulator in self.accumulators:
+                accumulator.assign(accumulator * decay)
         for variable, accumulator, gradient in zip(
             self._variables, self.accumulators, gradients, strict=True
         ):
@@ -52,7 +103,101 @@ class Adagrad(tf.Module):
                 use_locking=False,
             )
 
+
+class RMSProp(Optimizer):
+    """Tieleman & Hinton's RMSProp: lr * g / sqrt(moving average of g^2)."""
+
+    def __init__(
+        self,
+        variables: Sequence[tf.Variable],
+        learning_rate: float,
+        rho: float = 0.9,
+        name: str = "rmsprop",
+    ) -> None:
+        super().__init__(variables, learning_rate, name)
+        self.rho = rho
+        self.mean_squares = self._slots("mean_square")
+        self._momenta = self._slots("momentum")  # required by the fused kernel; stays zero
+
+    def trainable_state(self) -> list[tf.Variable]:
+        return self.mean_squares
+
+    def apply_gradients(self, gradients: Sequence[tf.Tensor], batch_size: tf.Tensor = 1) -> None:
+        for variable, mean_square, momentum, gradient in zip(
+            self._variables, self.mean_squares, self._momenta, gradients, strict=True
+        ):
+            tf.raw_ops.ResourceApplyRMSProp(
+                var=variable.handle,
+                ms=mean_square.handle,
+                mom=momentum.handle,
+                lr=tf.constant(self.learning_rate, variable.dtype),
+                rho=tf.constant(self.rho, variable.dtype),
+                momentum=tf.constant(0.0, variable.dtype),
+                epsilon=tf.constant(ADAM_EPSILON, variable.dtype),
+                grad=gradient,
+            )
+
+
+class Adam(Optimizer):
+    """Kingma & Ba's Adam with bias correction."""
+
+    def __init__(
+        self,
+        variables: Sequence[tf.Variable],
+        learning_rate: float,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        name: str = "adam",
+    ) -> None:
+        super().__init__(variables, learning_rate, name)
+        self.beta_1, self.beta_2 = beta_1, beta_2
+        self.first_moments = self._slots("first_moment")
+        self.second_moments = self._slots("second_moment")
+        with self.name_scope:
+            self.beta_1_power = tf.Variable(1.0, trainable=False, name="beta_1_power")
+            self.beta_2_power = tf.Variable(1.0, trainable=False, name="beta_2_power")
+
+    def trainable_state(self) -> list[tf.Variable]:
+        return self.first_moments + self.second_moments
+
     def reset(self) -> None:
-        """Forgets the gradient history, so the next steps are as large as the first ones."""
-        for accumulator in self.accumulators:
-            accumulator.assign(tf.zeros_like(accumulator))
+        super().reset()
+        self.beta_1_power.assign(1.0)
+        self.beta_2_power.assign(1.0)
+
+    def apply_gradients(self, gradients: Sequence[tf.Tensor], batch_size: tf.Tensor = 1) -> None:
+        self.beta_1_power.assign(self.beta_1_power * self.beta_1)
+        self.beta_2_power.assign(self.beta_2_power * self.beta_2)
+        for variable, m, v, gradient in zip(
+            self._variables, self.first_moments, self.second_moments, gradients, strict=True
+        ):
+            tf.raw_ops.ResourceApplyAdam(
+                var=variable.handle,
+                m=m.handle,
+                v=v.handle,
+                beta1_power=self.beta_1_power,
+                beta2_power=self.beta_2_power,
+                lr=tf.constant(self.learning_rate, variable.dtype),
+                beta1=tf.constant(self.beta_1, variable.dtype),
+                beta2=tf.constant(self.beta_2, variable.dtype),
+                epsilon=tf.constant(ADAM_EPSILON, variable.dtype),
+                grad=gradient,
+            )
+
+
+def make_optimizer(
+    kind: str,
+    variables: Sequence[tf.Variable],
+    learning_rate: float,
+    half_life_examples: float | None = None,
+) -> Optimizer:
+    """The optimiser a `VAEConfig` names."""
+    if kind == "adagrad":
+        return Adagrad(variables, learning_rate, half_life_examples)
+    if half_life_examples is not None:
+        raise ValueError("a half-life applies to Adagrad's accumulators only")
+    if kind == "rmsprop":
+        return RMSProp(variables, learning_rate)
+    if kind == "adam":
+        return Adam(variables, learning_rate)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")

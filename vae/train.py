@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from vae.config import VAEConfig
 from vae.model import VAE
-from vae.optimizers import Adagrad
+from vae.optimizers import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,12 @@ class Trainer(tf.Module):
         super().__init__(name=name)
         self.config = config
         self.model = VAE(config)
-        self.optimizer = Adagrad(self.model.trainable_variables, config.learning_rate)
+        self.optimizer = make_optimizer(
+            config.optimizer,
+            self.model.trainable_variables,
+            config.learning_rate,
+            config.accumulator_half_life_examples,
+        )
         with self.name_scope:
             self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self._examples_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples")
@@ -77,6 +82,10 @@ class Trainer(tf.Module):
     def skipped_steps(self) -> int:
         """Minibatches not applied because their loss or gradients were not finite."""
         return int(self._skipped_steps.numpy())
+
+    def reset_optimizer(self) -> None:
+        """Forgets the optimiser's gradient history (the `reset` drift adaptation)."""
+        self.optimizer.reset()
 
     def checkpoint(self) -> tf.train.Checkpoint:
         """A checkpoint object over the whole training state; the caller writes it."""
@@ -128,7 +137,7 @@ class Trainer(tf.Module):
         )
 
         def apply() -> tf.Tensor:
-            self.optimizer.apply_gradients(gradients)
+            self.optimizer.apply_gradients(gradients, batch_size=count)
             self._step.assign_add(1)
             return tf.constant(True)
 

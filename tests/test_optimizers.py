@@ -1,0 +1,114 @@
+"""The optimisers against NumPy references of their update rules, and their checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vae
+from vae.optimizers import EPSILON, Adagrad, Adam, RMSProp, make_optimizer
+
+GRADIENTS = [np.array([2.0, -4.0, 0.5]), np.array([-1.0, 3.0, 0.25]), np.array([0.5, 0.5, -2.0])]
+
+
+def run(optimizer_type, **kwargs) -> tuple[np.ndarray, tf.Module]:
+    """Weights after the three GRADIENTS from [1, -1, 0], and the optimiser."""
+    weights = tf.Variable([1.0, -1.0, 0.0])
+    optimizer = optimizer_type([weights], **kwargs)
+    for gradient in GRADIENTS:
+        optimizer.apply_gradients([tf.constant(gradient, tf.float32)], batch_size=10)
+    return weights.numpy(), optimizer
+
+
+def test_adagrad_sums_squared_gradients_for_ever() -> None:
+    theta, accumulator = np.array([1.0, -1.0, 0.0]), np.zeros(3)
+    for g in GRADIENTS:
+        accumulator += g**2
+        theta -= 0.1 * g / (np.sqrt(accumulator) + EPSILON)
+    weights, _ = run(Adagrad, learning_rate=0.1)
+    np.testing.assert_allclose(weights, theta, rtol=1e-6)
+
+
+def test_adagrad_half_life_halves_a_gradients_weight_every_half_life() -> None:
+    half_life, batch = 20.0, 10
+    decay = 0.5 ** (batch / half_life)
+    theta, accumulator = np.array([1.0, -1.0, 0.0]), np.zeros(3)
+    for g in GRADIENTS:
+        accumulator = decay * accumulator + g**2
+        theta -= 0.1 * g / (np.sqrt(accumulator) + EPSILON)
+    weights, optimizer = run(Adagrad, learning_rate=0.1, half_life_examples=half_life)
+    np.testing.assert_allclose(weights, theta, rtol=1e-6)
+    np.testing.assert_allclose(optimizer.accumulators[0].numpy(), accumulator, rtol=1e-6)
+
+
+def test_rmsprop_follows_its_moving_average() -> None:
+    theta, mean_square = np.array([1.0, -1.0, 0.0]), np.zeros(3)
+    for g in GRADIENTS:
+        mean_square = 0.9 * mean_square + 0.1 * g**2
+        theta -= 0.01 * g / np.sqrt(mean_square + 1e-8)
+    weights, _ = run(RMSProp, learning_rate=0.01)
+    np.testing.assert_allclose(weights, theta, rtol=1e-5)
+
+
+def test_adam_corrects_the_bias_of_its_moments() -> None:
+    theta, m, v = np.array([1.0, -1.0, 0.0]), np.zeros(3), np.zeros(3)
+    for t, g in enumerate(GRADIENTS, start=1):
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g**2
+        step = 0.01 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        theta -= step * m / (np.sqrt(v) + 1e-8)
+    weights, _ = run(Adam, learning_rate=0.01)
+    np.testing.assert_allclose(weights, theta, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer_type", [Adagrad, RMSProp, Adam])
+def test_reset_makes_the_next_step_a_first_step(optimizer_type) -> None:
+    weights = tf.Variable([1.0, -1.0, 0.0])
+    optimizer = optimizer_type([weights], learning_rate=0.1)
+    for gradient in GRADIENTS:
+        optimizer.apply_gradients([tf.constant(gradient, tf.float32)], batch_size=10)
+    optimizer.reset()
+    start = weights.numpy().copy()
+    gradient = [tf.constant([1.0, -2.0, 3.0])]
+    optimizer.apply_gradients(gradient, batch_size=10)
+    fresh_weights = tf.Variable(start)
+    optimizer_type([fresh_weights], learning_rate=0.1).apply_gradients(gradient, batch_size=10)
+    np.testing.assert_allclose(weights.numpy(), fresh_weights.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "half_life", "learning_rate"),
+    [("adagrad", 500.0, 0.02), ("rmsprop", None, 0.001), ("adam", None, 0.001)],
+)
+def test_optimizer_state_is_part_of_the_checkpoint(tmp_path, optimizer, half_life, learning_rate):
+    config = vae.VAEConfig(
+        input_dim=12,
+        hidden_dim=8,
+        latent_dim=2,
+        batch_size=10,
+        optimizer=optimizer,
+        accumulator_half_life_examples=half_life,
+        learning_rate=learning_rate,
+    )
+    data = (np.random.default_rng(3).random((10, 12)) > 0.5).astype(np.float32)
+    trainer = vae.Trainer(config)
+    for _ in range(5):
+        trainer.train_step(data)
+    trainer.checkpoint().write(str(tmp_path / "state"))
+    expected = [trainer.train_step(data).elbo for _ in range(3)]
+    restored = vae.Trainer(config)
+    restored.checkpoint().read(str(tmp_path / "state")).assert_consumed()
+    for want in expected:
+        np.testing.assert_array_equal(restored.train_step(data).elbo, want)
+
+
+def test_config_rejects_a_half_life_outside_adagrad_and_unknown_optimizers() -> None:
+    with pytest.raises(ValueError, match="applies to adagrad only"):
+        vae.VAEConfig(optimizer="adam", accumulator_half_life_examples=100)
+    with pytest.raises(ValueError, match="positive number of examples"):
+        vae.VAEConfig(accumulator_half_life_examples=0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        vae.VAEConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="applies to Adagrad"):
+        make_optimizer("rmsprop", [tf.Variable([1.0])], 0.1, half_life_examples=10)
