@@ -53,7 +53,9 @@ class StreamRun:
     first_phase_bound_at_end: float | None
 
 
-def policy_config(policy: str, base: vae.VAEConfig, half_life: float) -> vae.VAEConfig:
+def policy_config(
+    policy: str, base: vae.VAEConfig, half_life: float = DEFAULT_HALF_LIFE_EXAMPLES
+) -> vae.VAEConfig:
     if policy in ("none", "reset"):
         return base
     if policy == "decay":

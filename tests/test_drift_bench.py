@@ -1,0 +1,79 @@
+"""`aevb bench drift` in a shortened form: the metrics' definitions and the goals that a short
+stream can show (detection within 2,000 examples of an abrupt shift, no false alarm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vae
+from pipeline.datasets import load_dataset
+from pipeline.drift_bench import (
+    RECOVERY_NATS,
+    RECOVERY_WINDOW,
+    StreamRun,
+    drift_benchmark,
+    policy_config,
+    recovery_examples,
+)
+
+
+def synthetic_run(level_before: float, dip: float, recover_after: int, change: int) -> StreamRun:
+    """A bound that drops by `dip` at `change` and climbs back linearly in `recover_after`."""
+    positions = np.arange(100, 60_001, 100)
+    since = positions - change
+    bounds = np.where(
+        since <= 0,
+        level_before,
+        level_before - dip * np.clip(1 - since / recover_after, 0, 1),
+    )
+    return StreamRun(positions, bounds.astype(float), [], None, None)
+
+
+def test_recovery_is_measured_against_the_level_reached_at_the_end_of_the_phase() -> None:
+    change = 20_000
+    run = synthetic_run(-100.0, dip=50.0, recover_after=10_000, change=change)
+    measured = recovery_examples(run, change, phase_end=60_000)
+    # Within RECOVERY_NATS of the final level once the dip has shrunk to 5 nats: after
+    # 9,000 of the 10,000 examples; the centred 2,000-example window places it within a
+    # window of that.
+    assert abs(measured - 9_000) <= RECOVERY_WINDOW // 2 + 100
+    slower = recovery_examples(
+        synthetic_run(-100.0, 50.0, 30_000, change), change, phase_end=60_000
+    )
+    assert slower > 2.5 * measured
+    assert RECOVERY_NATS == 5.0
+
+
+def test_policies_map_to_their_optimisers() -> None:
+    base = vae.VAEConfig()
+    assert policy_config("none", base) == base == policy_config("reset", base)
+    assert policy_config("decay", base, half_life=1234).accumulator_half_life_examples == 1234
+    assert policy_config("adam", base).optimizer == "adam"
+    with pytest.raises(ValueError, match="unknown policy"):
+        policy_config("sgd", base)
+
+
+@pytest.mark.slow
+def test_abrupt_shift_is_detected_quickly_and_a_stationary_stream_raises_no_alarm() -> None:
+    mnist = load_dataset("mnist", fallback="mnist-5k")
+    result = drift_benchmark(
+        mnist,
+        vae.VAEConfig(),
+        phase_examples=20_000,
+        stationary_examples=40_000,
+        policies=["none", "reset"],
+        scenario_names=["abrupt"],
+    )
+    rows = {row["policy"]: row for row in result["results"]}
+    for row in rows.values():
+        assert row["detection_delay_examples"] is not None
+        assert 0 < row["detection_delay_examples"] <= 2_000
+        assert row["false_alarms_per_million"] == 0
+        assert row["recovery_examples"] is not None
+        # Inverted digits are new to a model of plain ones: its bound on plain test digits
+        # stays far better than on the inverted ones it is now learning, and it changes.
+        assert row["forgetting_nats"] is not None and np.isfinite(row["forgetting_nats"])
+    # `reset` zeroes Adagrad's accumulators at the detection, so the steps right after it
+    # are larger: the model moves further from the first phase, which it forgets more of.
+    assert rows["reset"]["forgetting_nats"] > rows["none"]["forgetting_nats"]
