@@ -125,12 +125,19 @@ class _Lines:
 
 
 def decode_file(
-    path: str, data: bytes, input_dim: int, likelihood: str, default_key: str
+    path: str,
+    data: bytes,
+    input_dim: int,
+    likelihood: str,
+    default_key: str,
+    with_positions: bool = False,
 ) -> Iterator[tuple[str, np.ndarray] | DeadLetter]:
     """Yields ``(key, float32 chunk)`` for valid rows and a DeadLetter for each rejection.
 
     The format follows the suffix of ``path`` (see the module docstring). Raises only for
-    bad arguments (``likelihood``), never for bad content.
+    bad arguments (``likelihood``), never for bad content. With ``with_positions`` the
+    chunks are ``(key, chunk, positions)``: each row's position as dead letters count it
+    (int64 array), or None where unknown.
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}")
@@ -149,7 +156,7 @@ def decode_file(
         yield _file_letter(path, data, error.reason, error.detail)
         return
     yield from letters
-    yield from _validated(path, blocks, input_dim, likelihood)
+    yield from _validated(path, blocks, input_dim, likelihood, with_positions)
 
 
 def _file_letter(source: str, data: bytes, reason: str, detail: str) -> DeadLetter:
@@ -158,7 +165,11 @@ def _file_letter(source: str, data: bytes, reason: str, detail: str) -> DeadLett
 
 
 def _validated(
-    source: str, blocks: Iterable[_Block], input_dim: int, likelihood: str
+    source: str,
+    blocks: Iterable[_Block],
+    input_dim: int,
+    likelihood: str,
+    with_positions: bool = False,
 ) -> Iterator[tuple[str, np.ndarray] | DeadLetter]:
     for block in blocks:
         if not MODEL_KEY_PATTERN.match(block.key):
@@ -175,8 +186,18 @@ def _validated(
             position = None if block.positions is None else int(block.positions[index])
             record = record_locator(block.unit, position, row_excerpt(block.values[index]))
             yield DeadLetter(source, reason, detail, record, position)
+        if not with_positions:
+            for start in range(0, len(good), CHUNK_ROWS):
+                yield block.key, good[start : start + CHUNK_ROWS]
+            continue
+        positions = None
+        if block.positions is not None:
+            kept = np.ones(len(block.values), dtype=bool)
+            kept[[index for index, _, _ in rejected]] = False
+            positions = np.asarray(block.positions, dtype=np.int64)[kept]
         for start in range(0, len(good), CHUNK_ROWS):
-            yield block.key, good[start : start + CHUNK_ROWS]
+            end = start + CHUNK_ROWS
+            yield block.key, good[start:end], None if positions is None else positions[start:end]
 
 
 # --- NumPy ----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ integer version directories, each a complete SavedModel. A snapshot is written t
 directory beside it (same file system, outside the model directory) and renamed into place,
 so a reader polling the directory -- TF Serving, Beam's WatchFilePattern -- never sees a
 partial model. Versions strictly increase and are never reused, even across restarts and
-after old versions were pruned. Each snapshot carries `assets.extra/aevb.json`.
+after old versions were pruned. Each snapshot carries `assets.extra/aevb.json` and TF
+Serving's warm-up requests, `assets.extra/tf_serving_warmup_requests` (see `vae.serving`).
 
 >>> import tempfile, vae
 >>> writer = SnapshotWriter(tempfile.mkdtemp(), "default", keep=2)
@@ -26,34 +27,24 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
+# The layout is vae's (it is what `vae.load` reads); re-exported here for the pipeline.
+# Neither module imports TensorFlow.
+from vae.serving import METADATA_PATH, WARMUP_PATH
+from vae.versions import resolve_version, version_directories
+
 if TYPE_CHECKING:  # TensorFlow: imported by `write` only, so reading the layout stays light
     import vae
 
-METADATA_PATH = pathlib.Path("assets.extra") / "aevb.json"
+__all__ = [
+    "METADATA_PATH",
+    "WARMUP_PATH",
+    "SnapshotWriter",
+    "read_metadata",
+    "resolve_version",
+    "version_directories",
+]
+
 STAGING_DIR = ".staging"
-
-
-def version_directories(model_dir: str | os.PathLike) -> list[pathlib.Path]:
-    """The integer version directories of a model directory, oldest first."""
-    model_dir = pathlib.Path(model_dir)
-    if not model_dir.is_dir():
-        return []
-    versions = [p for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
-    return sorted(versions, key=lambda p: int(p.name))
-
-
-def resolve_version(path: str | os.PathLike) -> pathlib.Path:
-    """A version directory as given, or the newest version of a model directory."""
-    path = pathlib.Path(path)
-    if (path / "saved_model.pb").exists():
-        return path
-    versions = version_directories(path)
-    if not versions:
-        raise FileNotFoundError(
-            f"{path} is neither a SavedModel directory nor a model directory with "
-            "integer version subdirectories"
-        )
-    return versions[-1]
 
 
 def read_metadata(version_dir: str | os.PathLike) -> dict[str, Any]:
@@ -85,6 +76,7 @@ class SnapshotWriter:
     def write(self, model: vae.VAE, metadata: dict[str, Any]) -> pathlib.Path:
         """Exports `model` with `metadata` as a new version; returns its directory."""
         import vae
+        from vae.serving import write_warmup_requests
 
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self._staging.mkdir(parents=True, exist_ok=True)
@@ -106,6 +98,9 @@ class SnapshotWriter:
             }
             (staging / METADATA_PATH).parent.mkdir(parents=True, exist_ok=True)
             (staging / METADATA_PATH).write_text(json.dumps(document, indent=2, sort_keys=True))
+            write_warmup_requests(
+                staging, model.config.input_dim, model.config.latent_dim, self.model_name
+            )
             target = self.model_dir / str(version)
             os.rename(staging, target)
         except BaseException:

@@ -417,9 +417,9 @@ def test_write_dead_letters_appends_json_lines_and_counts_reasons(tmp_path) -> N
     counters = result.metrics().query(MetricsFilter().with_namespace("aevb"))["counters"]
     counts = {c.key.metric.name: c.committed for c in counters if c.committed}
     assert counts == {
-        "records_rejected_non_numeric": 1,
-        "records_rejected_non_finite": 2,
-        "records_rejected_unsupported_format": 1,
+        "records_rejected_total_non_numeric": 1,
+        "records_rejected_total_non_finite": 2,
+        "records_rejected_total_unsupported_format": 1,
     }
 
 
