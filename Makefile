@@ -10,7 +10,7 @@ AEVB_DATA_DIR ?= $(if $(wildcard ../shared/data/SHA256SUMS),$(abspath ../shared/
 export AEVB_DATA_DIR
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install run test lint bench-trainer clean
+.PHONY: install prometheus run test lint bench-trainer clean
 
 install: $(VENV)/.installed
 
@@ -25,11 +25,24 @@ run: install
 	$(BIN)/aevb train --dataset mnist --fallback-dataset mnist-5k --output $(RUN_DIR) \
 		--snapshot-every-seconds 30 --log-every-steps 100
 
-test: install lint
+## Debian's `prometheus` package: `prometheus` and `promtool` for the alert-rule tests and the
+## end-to-end test (tests start their own server on loopback; the package's service is not
+## used); and Debian's `docker-compose`, whose `config -q` validates docker-compose.yml
+## without a Docker engine (tests/test_stack.py). Installed when missing and when running
+## as root (CI); otherwise those tests skip.
+prometheus:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
+		&& command -v docker-compose >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
+	else echo "prometheus/promtool/docker-compose not installed (not root): their tests will be skipped"; fi
+
+test: install lint prometheus
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check vae pipeline tests
+	$(BIN)/ruff check vae pipeline tests benchmarks
 
 ## The speed bar: `aevb bench trainer` against the plain PyTorch step, alternated in one run.
 bench-trainer: install

@@ -1,6 +1,7 @@
-"""The `aevb` command: train, evaluate and benchmark.
+"""The `aevb` command: train, score, evaluate and benchmark.
 
     aevb train --dataset mnist --max-examples 1000000 --output runs/mnist
+    aevb score --model runs/mnist/snapshots/default --source 'files:in/*.npy' --output out
     aevb evaluate --model runs/mnist/snapshots/default --dataset mnist --split test --json
     aevb bench trainer --json
 
@@ -29,7 +30,9 @@ from pipeline.options import (  # noqa: E402
     AEVBOptions,
     add_data_flags,
     add_model_flags,
+    add_source_flags,
     non_negative_int,
+    positive_float,
     positive_int,
 )
 
@@ -68,6 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     beam_flags.add_argument("--streaming", action="store_true", help="unbounded, streaming job")
 
+    score = commands.add_parser(
+        "score",
+        help="score records with a snapshot (RunInference); a streaming job follows new "
+        "versions; Beam flags pass through",
+    )
+    add_score_command_flags(score)
+
+    produce = commands.add_parser(
+        "produce", help="replay a data set into a Kafka topic (needs the kafka extra)"
+    )
+    produce.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers host:port")
+    produce.add_argument("--topic", required=True, help="the topic a kafka: source reads")
+    add_data_flags(produce.add_argument_group("data"))
+    produce.add_argument("--key", help="message key: the model key (default: none)")
+    produce.add_argument("--examples-per-second", type=positive_float, help="rate limit")
+    produce.add_argument("--max-examples", type=positive_int, help="stop after this many")
+    produce.add_argument("--epochs", type=positive_int, help="stop after this many passes")
+    produce.add_argument("--seed", type=non_negative_int, default=0, help="replay order")
+
     evaluate = commands.add_parser("evaluate", help="bound and log-likelihood of a snapshot")
     evaluate.add_argument(
         "--model",
@@ -87,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=non_negative_int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
-    report = commands.add_parser("report", help="PNG figures of a run from its progress.jsonl")
+    report = commands.add_parser(
+        "report",
+        help="PNG figures of a run: bound and its terms with drift detections "
+        "(progress.jsonl), samples and 2-D manifold (newest snapshots)",
+    )
     report.add_argument("run_dir", type=pathlib.Path, help="the RUN_DIR of `aevb train`")
     report.add_argument("--output", type=pathlib.Path, help="folder for the PNGs (RUN_DIR/report)")
     report.add_argument(
@@ -123,13 +149,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_score_command_flags(parser: argparse.ArgumentParser) -> None:
+    """`aevb score`: the sources of `aevb train`, the model to score with, the output."""
+    from pipeline.score import add_score_flags
+
+    add_score_flags(parser, require_model=True)
+    parser.add_argument(
+        "--output", required=True, help="OUT_DIR: scores-*.jsonl and dead_letter/*.jsonl"
+    )
+    add_data_flags(parser.add_argument_group("data (the dataset source)"))
+    source = parser.add_argument_group("source (as for aevb train)")
+    add_source_flags(source)
+    source.add_argument("--model-key", default="default", help="key of unkeyed records")
+    source.add_argument("--max-examples", type=positive_int, help="score at most this many")
+    source.add_argument(
+        "--epochs", type=positive_int, help="passes over the dataset split (batch: 1)"
+    )
+    source.add_argument("--seed", type=non_negative_int, default=0, help="replay order")
+    beam_flags = parser.add_argument_group("Apache Beam (any other Beam flag is passed through)")
+    beam_flags.add_argument(
+        "--runner", default=DEFAULT_RUNNER, help=f"Beam runner (default {DEFAULT_RUNNER})"
+    )
+    beam_flags.add_argument(
+        "--streaming", action="store_true", help="unbounded job following new model versions"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # Flags neither aevb nor argparse knows are Beam's (--direct_num_workers, --job_endpoint,
     # --flink_master, ...): `train` hands them to PipelineOptions; elsewhere they are errors.
     args, beam_args = parser.parse_known_args(argv)
-    if beam_args and args.command != "train":
+    if beam_args and args.command not in ("train", "score"):
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     args.argv = argv
     logging.basicConfig(
@@ -148,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers = {
             "train": commands.train,
             "evaluate": commands.evaluate,
+            "score": commands.score,
+            "produce": commands.produce,
             "report": commands.report,
             "bench": commands.bench,
         }
@@ -164,8 +218,11 @@ def check_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--data-dir {data_dir} is not a readable directory")
     if args.command == "train":
         writable_directory(pathlib.Path(args.output), "--output")
-    elif args.command == "evaluate":
+    elif args.command in ("evaluate", "score"):
         from pipeline.snapshots import resolve_version  # imports no TensorFlow
+
+        if args.command == "score":
+            writable_directory(pathlib.Path(args.output), "--output")
 
         try:
             resolve_version(args.model)

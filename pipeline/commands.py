@@ -15,7 +15,14 @@ from pipeline.datasets import CorruptDataError, Dataset, DataUnavailableError, l
 from pipeline.job import examples_already_seen, run_training
 from pipeline.options import AEVBOptions, cadence, drift_settings, model_config, run_dir
 from pipeline.progress import read_progress
-from pipeline.report import bound_figure
+from pipeline.records import validate_model_key
+from pipeline.report import (
+    bound_figure,
+    image_shape,
+    manifold_figure,
+    parts_figure,
+    samples_figure,
+)
 from pipeline.snapshots import read_metadata, resolve_version
 from pipeline.sources import parse_source
 
@@ -74,6 +81,86 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def score(args: argparse.Namespace) -> int:
+    from pipeline.score import (
+        ScoreOptions,
+        read_scores,
+        run_scoring,
+        snapshot_config,
+        threshold_of,
+    )
+
+    flags = list(args.argv)
+    del flags[flags.index("score")]
+    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in flags):
+        flags += ["--runner", args.runner]
+    options = PipelineOptions(flags)
+    aevb = options.view_as(AEVBOptions)
+    scoring = options.view_as(ScoreOptions)
+    try:
+        kind, _ = parse_source(aevb.source)
+        threshold_of(scoring)
+        config = snapshot_config(scoring.model)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    runner = args.runner.rsplit(".", 1)[-1]
+    if args.streaming and scoring.model_updates == "side-input" and runner == "FnApiRunner":
+        raise UsageError(
+            "--model-updates side-input needs a runner that feeds unbounded side inputs to a "
+            "running stage (Flink, Dataflow); FnApiRunner would score nothing until the "
+            "model watch ends: use --model-updates poll"
+        )
+    if kind == "dataset":
+        dataset = load_data(args)
+        if dataset.input_dim != config.input_dim:
+            raise UsageError(
+                f"{scoring.model} expects {config.input_dim} inputs, "
+                f"{dataset.name} has {dataset.input_dim}"
+            )
+    logger.info(
+        "scoring %s with %s (%s) on %s%s into %s",
+        aevb.source,
+        resolve_version(scoring.model),
+        "following new versions" if args.streaming else "fixed version",
+        args.runner,
+        " (streaming)" if args.streaming else "",
+        run_dir(aevb),
+    )
+    run_scoring(options)
+    records = read_scores(run_dir(aevb))
+    versions = sorted({r["model_version"] for r in records if r["model_version"] is not None})
+    logger.info(
+        "%d records scored in %s by model versions %s; %d flagged as anomalies",
+        len(records),
+        run_dir(aevb),
+        versions,
+        sum(1 for r in records if r["anomaly"]),
+    )
+    return 0
+
+
+def produce(args: argparse.Namespace) -> int:
+    from pipeline.produce import produce as replay_to_kafka
+
+    if args.key is not None:
+        try:
+            validate_model_key(args.key)
+        except ValueError as error:
+            raise UsageError(f"--key: {error}") from None
+    dataset = load_data(args)
+    replay_to_kafka(
+        args.bootstrap,
+        args.topic,
+        dataset.train,
+        key=args.key,
+        examples_per_second=args.examples_per_second,
+        max_examples=args.max_examples,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     try:
         version_dir = resolve_version(args.model)
@@ -111,14 +198,37 @@ def report(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run_dir} has no progress.jsonl: is it the --output of a run?")
     output = writable_directory(args.output or args.run_dir / "report", "--output")
     entries = read_progress(progress_path)
+    title = args.title or args.run_dir.name
     written = [
-        bound_figure(
-            entries, output / "bound.png", title=args.title or args.run_dir.name, paper=args.paper
-        )
+        bound_figure(entries, output / "bound.png", title=title, paper=args.paper),
+        parts_figure(entries, output / "parts.png", title=f"{title}: bound and its terms"),
     ]
+    for model_dir in sorted((args.run_dir / "snapshots").glob("[!.]*")):
+        written += _model_figures(model_dir, output)
     for path in written:
         print(path)
     return 0
+
+
+def _model_figures(model_dir: pathlib.Path, output: pathlib.Path) -> list[pathlib.Path]:
+    """Samples (and for a 2-D latent space the manifold) of a key's newest snapshot."""
+    try:
+        version_dir = resolve_version(model_dir)
+    except FileNotFoundError:
+        return []
+    config = read_metadata(version_dir).get("config") or {}
+    if image_shape(config.get("input_dim", 0)) is None:
+        logger.info("%s: not image data, no sample figures", model_dir.name)
+        return []
+    model = vae.load_model(version_dir)
+    key = model_dir.name
+    label = f"{key}, snapshot {version_dir.name}"
+    written = [samples_figure(model, output / f"samples-{key}.png", title=f"Samples: {label}")]
+    if model.config.latent_dim == 2:
+        written.append(
+            manifold_figure(model, output / f"manifold-{key}.png", title=f"Manifold: {label}")
+        )
+    return written
 
 
 def bench(args: argparse.Namespace) -> int:

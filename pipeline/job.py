@@ -190,7 +190,7 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
         return None
     finally:
         # Models trained in this process (the local runners' workers) get their final
-        # checkpoint and snapshot here; remote workers close theirs in DoFn.teardown.
+        # checkpoint and snapshot here; remote workers checkpoint theirs in DoFn.teardown.
         closed = close_live_sessions(directory)
         if closed:
             logger.info("wrote final checkpoints and snapshots of %d models", closed)

@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline import drift
 from pipeline.datasets import DATASETS, dataset_shape
 from vae.config import LIKELIHOODS, VAEConfig
 
 if TYPE_CHECKING:
+    from pipeline.metrics import MetricsSettings
     from pipeline.session import Cadence
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -100,6 +102,32 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_source_flags(parser: argparse.ArgumentParser) -> None:
+    """Where examples come from: shared by `aevb train` and `aevb score`."""
+    parser.add_argument(
+        "--source",
+        default="dataset",
+        help="dataset (default: --dataset replayed in reshuffled passes), files:GLOB "
+        "(.npy .npz .csv .jsonl .tfrecord; watched with --streaming), "
+        "kafka:BOOTSTRAP/TOPIC",
+    )
+    parser.add_argument(
+        "--examples-per-second", type=positive_float, help="rate limit of the dataset source"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="examples per pipeline element (default 1000): Beam pays per element",
+    )
+    parser.add_argument(
+        "--poll-interval-seconds",
+        type=positive_float,
+        default=1.0,
+        help="how often a watched files glob is listed (streaming)",
+    )
+
+
 class AEVBOptions(PipelineOptions):
     """Everything `aevb train` takes besides Beam's own options."""
 
@@ -107,16 +135,7 @@ class AEVBOptions(PipelineOptions):
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         add_data_flags(parser)
         source = parser.add_argument_group("source")
-        source.add_argument(
-            "--source",
-            default="dataset",
-            help="dataset (default: --dataset replayed in reshuffled passes), files:GLOB "
-            "(.npy .npz .csv .jsonl .tfrecord; watched with --streaming), "
-            "kafka:BOOTSTRAP/TOPIC",
-        )
-        source.add_argument(
-            "--examples-per-second", type=positive_float, help="rate limit of the dataset source"
-        )
+        add_source_flags(source)
         source.add_argument(
             "--input-dim", type=positive_int, help="input width for files/kafka (else --dataset's)"
         )
@@ -124,18 +143,6 @@ class AEVBOptions(PipelineOptions):
             "--likelihood",
             choices=LIKELIHOODS,
             help="decoder for files/kafka input (else --dataset's)",
-        )
-        source.add_argument(
-            "--chunk-size",
-            type=positive_int,
-            default=DEFAULT_CHUNK_SIZE,
-            help="examples per pipeline element (default 1000): Beam pays per element",
-        )
-        source.add_argument(
-            "--poll-interval-seconds",
-            type=positive_float,
-            default=1.0,
-            help="how often a watched files glob is listed (streaming)",
         )
         add_model_flags(parser.add_argument_group("model and learning algorithm"))
         run = parser.add_argument_group("run")
@@ -171,6 +178,105 @@ class AEVBOptions(PipelineOptions):
             default=10_000,
             help="test examples used by --evaluate-every-examples (default 10000)",
         )
+        add_monitoring_flags(parser.add_argument_group("monitoring (Prometheus, drift)"))
+
+
+def port_number(text: str) -> int:
+    value = _number(int, text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {text}")
+    return value
+
+
+def add_monitoring_flags(parser: argparse.ArgumentParser) -> None:
+    """Prometheus export and drift detection (see pipeline.metrics, pipeline.drift)."""
+    parser.add_argument(
+        "--metrics-port",
+        type=port_number,
+        help="serve Prometheus /metrics on this port while the job runs (streaming jobs; "
+        "0 picks a free port, logged)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address the /metrics server binds (default 127.0.0.1; 0.0.0.0 for all)",
+    )
+    parser.add_argument(
+        "--pushgateway",
+        metavar="URL",
+        help="push metrics to this Prometheus Pushgateway (batch jobs): every "
+        "--push-interval-seconds and at the end, grouping key job=--push-job, model=<key>",
+    )
+    parser.add_argument(
+        "--push-interval-seconds",
+        type=positive_float,
+        default=30.0,
+        help="seconds between Pushgateway pushes (default 30)",
+    )
+    parser.add_argument(
+        "--push-job", default="aevb", help="job label of Pushgateway pushes (default aevb)"
+    )
+    parser.add_argument(
+        "--drift-detector",
+        choices=drift.DETECTORS,
+        default=drift.DEFAULT_DETECTOR,
+        help="detector on the test-then-train negative bound (default %(default)s)",
+    )
+    parser.add_argument(
+        "--drift-threshold",
+        type=positive_float,
+        default=drift.DEFAULT_PH_THRESHOLD,
+        help="page-hinkley threshold lambda, nats (default %(default)s)",
+    )
+    parser.add_argument(
+        "--drift-delta",
+        type=non_negative_float,
+        default=drift.DEFAULT_PH_DELTA,
+        help="page-hinkley delta: tolerated rise per minibatch, nats (default %(default)s)",
+    )
+    parser.add_argument(
+        "--drift-min-minibatches",
+        type=positive_int,
+        default=drift.DEFAULT_MIN_MINIBATCHES,
+        help="warm-up minibatches before the detector may fire, after the start and after "
+        "each detection (default %(default)s)",
+    )
+    parser.add_argument(
+        "--adwin-delta",
+        type=positive_float,
+        default=drift.DEFAULT_ADWIN_DELTA,
+        help="adwin confidence delta (default %(default)s)",
+    )
+    parser.add_argument(
+        "--adwin-min-increase",
+        type=non_negative_float,
+        default=drift.DEFAULT_ADWIN_MIN_INCREASE,
+        help="smallest rise of adwin's mean negative bound that counts as drift, nats "
+        "(default %(default)s)",
+    )
+
+
+def drift_settings(options: AEVBOptions) -> drift.DriftSettings | None:
+    """The drift detector the flags ask for (None: --drift-detector none)."""
+    if options.drift_detector == "none":
+        return None
+    return drift.DriftSettings(
+        detector=options.drift_detector,
+        threshold=options.drift_threshold,
+        delta=options.drift_delta,
+        min_minibatches=options.drift_min_minibatches,
+        adwin_delta=options.adwin_delta,
+        adwin_min_increase=options.adwin_min_increase,
+    )
+
+
+def metrics_settings(options: AEVBOptions) -> MetricsSettings | None:
+    """Prometheus metrics are kept when the job serves or pushes them."""
+    from pipeline.metrics import MetricsSettings
+
+    if options.metrics_port is None and options.pushgateway is None:
+        return None
+    return MetricsSettings()
 
 
 def input_spec(options: AEVBOptions) -> tuple[int, str]:

@@ -107,14 +107,14 @@ class TrainingSession:
         self._window = _Window()
         self._lock = threading.RLock()
         self.observers = tuple(observers)
+        self._observer_failures: set[tuple[int, str]] = set()
         self.drift = DriftMonitor(drift) if drift is not None and drift.enabled else None
         self.drift_detections: list[DriftDetection] = []
         self._notify(
             "on_open",
             self.key,
             self._newest_snapshot_time(),
-            self.drift.detector if self.drift else None,
-            self.drift.threshold if self.drift else None,
+            self.drift.thresholds if self.drift else None,
         )
 
     @property
@@ -163,7 +163,8 @@ class TrainingSession:
         detection = self.drift.update(
             -record.elbo, record.examples_seen, key=self.key, step=record.step
         )
-        self._notify("on_drift_statistic", self.key, self.drift.detector, self.drift.statistic)
+        for detector, statistic in self.drift.statistics.items():
+            self._notify("on_drift_statistic", self.key, detector, statistic)
         if detection is None:
             return
         self.drift_detections.append(detection)
@@ -195,7 +196,17 @@ class TrainingSession:
             try:
                 getattr(observer, method)(*args)
             except Exception:  # an observer must never stop training
-                logger.exception("%s: observer %r failed in %s", self.key, observer, method)
+                # The traceback once per observer and hook, not on every minibatch.
+                seen = (id(observer), method) in self._observer_failures
+                self._observer_failures.add((id(observer), method))
+                logger.log(
+                    logging.DEBUG if seen else logging.ERROR,
+                    "%s: observer %r failed in %s",
+                    self.key,
+                    observer,
+                    method,
+                    exc_info=not seen,
+                )
 
     def _newest_snapshot_time(self) -> float:
         newest = self.snapshots.latest_version()

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+import pathlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +41,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 import vae
 from pipeline import lifecycle
+from pipeline.checkpoints import CheckpointStore
 from pipeline.drift import DriftSettings
 from pipeline.metrics import BeamCounters, MetricsSettings, PrometheusObserver
 from pipeline.observers import SessionObserver
@@ -200,24 +203,33 @@ class TrainerDoFn(beam.DoFn):
         self, key=beam.DoFn.KeyParam, pending=beam.DoFn.StateParam(PENDING)
     ) -> Iterator[TrainingRecord]:
         yield from self._train_pending(key, pending)
-        session = self._sessions.get(key)
-        if session is None:
-            return
         if self.spec.streaming:
             # FnApiRunner runs a stream in rounds and advances the watermark to the end of
             # time after each one, so in streaming this timer does not mean the input ended:
-            # keep the model, make the round durable. The job closes its sessions when it
-            # really ends (`close_live_sessions`), a worker in `teardown`.
+            # keep the model (`finish_bundle` made the round durable). The job closes its
+            # sessions when it really ends (`close_live_sessions`).
+            return
+        # Restored from the checkpoint when another worker process trained the key.
+        session = self._session(key)
+        del self._sessions[key]
+        _close(session)
+
+    def start_bundle(self) -> None:
+        # Looked up again in every bundle: another worker may have trained a key meanwhile.
+        self._sessions = {}
+
+    def finish_bundle(self) -> None:
+        # Every bundle leaves its keys' models on disk: FnApiRunner with several workers
+        # hands the bundles of a stateful stage to its workers in turn, so a key's next
+        # bundle (its timers too) may run in another process, which restores this checkpoint.
+        for session in self._sessions.values():
             session.checkpoint()
-        else:
-            del self._sessions[key]
-            _close(session)
 
     def teardown(self) -> None:
-        # Best effort (Beam does not promise teardown): keeps the work since the last
-        # periodic checkpoint when a worker shuts down without draining.
-        for session in getattr(self, "_sessions", {}).values():
-            _close(session)
+        # Not the end of the run: runners may discard a DoFn instance after any bundle
+        # (BundleBasedDirectRunner does after every one). The models, saved at the end of
+        # each bundle, stay open in the process; the end-of-input timer (bounded input) or
+        # the job (`close_live_sessions`) writes their final checkpoint and snapshot.
         self._sessions = {}
 
     def _train_pending(self, key: str, pending) -> Iterator[TrainingRecord]:
@@ -229,6 +241,8 @@ class TrainerDoFn(beam.DoFn):
         rows = self._within_limit(session, np.concatenate(buffered))
         if len(rows):
             yield self._train(session, rows, Timestamp.of(self.clock()))
+        # A partial minibatch can be the one that reaches max_examples.
+        self._stop_if_done(session)
 
     def _train(self, session: TrainingSession, batch: np.ndarray, timestamp) -> TrainingRecord:
         return session.train(batch, event_time=float(timestamp))
@@ -285,7 +299,8 @@ def _open_session(
 ) -> TrainingSession:
     with _live_lock:
         session = _live_sessions.get((spec.run_dir, key))
-        if session is None:
+        if session is None or session.examples_seen < _checkpointed_examples(spec.run_dir, key):
+            # New here, or another worker process trained the key further since: restore.
             session = TrainingSession(
                 spec.run_dir,
                 key,
@@ -298,6 +313,12 @@ def _open_session(
             )
             _live_sessions[(spec.run_dir, key)] = session
         return session
+
+
+def _checkpointed_examples(run_dir: str, key: str) -> int:
+    """Examples seen by the newest checkpoint of `key` in `run_dir` (0 if none)."""
+    state = pathlib.Path(run_dir) / "checkpoints" / key / CheckpointStore.STATE_FILE
+    return json.loads(state.read_text())["examples_seen"] if state.exists() else 0
 
 
 def _observers(metrics: MetricsSettings | None) -> list[SessionObserver]:

@@ -1,0 +1,255 @@
+"""Tests for pipeline.drift and the drift hooks of pipeline.session."""
+
+import io
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import vae
+from pipeline.drift import (
+    ADWIN_CONFIRM_MINIBATCHES,
+    DriftDetection,
+    DriftMonitor,
+    DriftSettings,
+)
+from pipeline.observers import SessionObserver
+from pipeline.progress import ProgressLog, read_progress
+from pipeline.session import Cadence, TrainingSession
+from pipeline.snapshots import read_metadata, version_directories
+
+MINIBATCH = 100
+NOISE = 3.3  # nats: sd of a 784-500-20 MNIST model's minibatch mean negative bound
+
+
+def _learning_curve(minibatches: int, seed: int) -> np.ndarray:
+    """Mean negative bounds of a healthy run: a falling curve plus minibatch noise."""
+    t = np.arange(minibatches)
+    rng = np.random.default_rng(seed)
+    return 120 + 400 * np.exp(-t / 30) + 80 * np.exp(-t / 2000) + rng.normal(0, NOISE, len(t))
+
+
+def _feed(monitor: DriftMonitor, values) -> list[DriftDetection]:
+    found = []
+    for i, value in enumerate(values):
+        detection = monitor.update(float(value), examples_seen=MINIBATCH * (i + 1))
+        if detection is not None:
+            found.append(detection)
+    return found
+
+
+@pytest.mark.parametrize("detector", ["both", "page-hinkley", "adwin"])
+def test_a_learning_curve_raises_no_alarm(detector: str) -> None:
+    # 5,000 minibatches: half a million examples of a model that only gets better.
+    assert _feed(DriftMonitor(DriftSettings(detector)), _learning_curve(5000, seed=1)) == []
+
+
+@pytest.mark.parametrize("detector", ["both", "page-hinkley", "adwin"])
+def test_an_abrupt_rise_is_detected_within_2000_examples(detector: str) -> None:
+    values = _learning_curve(3000, seed=2)
+    shift_at = 2000  # minibatches
+    values[shift_at:] += 40.0  # as digits 0-4 -> 5-9 measured (README, "Drift detection")
+    found = _feed(DriftMonitor(DriftSettings(detector)), values)
+    assert found, "no detection"
+    first = found[0]
+    shift_examples = shift_at * MINIBATCH
+    assert shift_examples < first.examples_seen <= shift_examples + 2000
+    assert first.detector == detector or detector == "both"
+    assert first.statistic > first.threshold
+    assert first.value > first.baseline
+
+
+def test_both_detectors_report_one_change_once() -> None:
+    monitor = DriftMonitor(DriftSettings("both"))
+    assert monitor.detectors == ("page-hinkley", "adwin")
+    assert monitor.thresholds == {"page-hinkley": 50.0, "adwin": 5.0}
+    values = _learning_curve(3000, seed=5)
+    values[2000:] += 40.0
+    found = _feed(monitor, values)
+    assert len(found) == 1, found  # the first to fire restarts both
+    assert set(monitor.statistics) == {"page-hinkley", "adwin"}
+
+
+def test_a_short_spike_early_in_training_is_caught() -> None:
+    # The bound of a fast-adapting model: a few terrible minibatches, then nearly back.
+    # Page-Hinkley in `both` catches it even when ADWIN is restarting (its warm-up).
+    values = _learning_curve(400, seed=6)
+    values[200:] += 40 + 560 * np.exp(-np.arange(200) / 3)
+    found = _feed(DriftMonitor(DriftSettings("both")), values)
+    assert found and 200 * MINIBATCH < found[0].examples_seen <= 202 * MINIBATCH
+
+
+def test_page_hinkley_statistic_rises_with_the_bound_and_resets_after_detection() -> None:
+    monitor = DriftMonitor(DriftSettings("page-hinkley", threshold=50, delta=2, min_minibatches=5))
+    _feed(monitor, [100.0] * 50)
+    assert monitor.statistics["page-hinkley"] == pytest.approx(0.0, abs=1e-9)
+    monitor.update(130.0, examples_seen=5100)
+    rising = monitor.statistics["page-hinkley"]
+    assert 10 < rising < 50
+    detection = monitor.update(130.0, examples_seen=5200)
+    assert detection is not None and detection.statistic > 50
+    assert detection.examples_seen == 5200
+    assert monitor.statistics["page-hinkley"] == 0.0
+
+
+def test_adwin_ignores_an_improvement_and_a_single_outlier() -> None:
+    monitor = DriftMonitor(DriftSettings("adwin"))
+    rng = np.random.default_rng(3)
+    better = np.concatenate([150 + rng.normal(0, NOISE, 500), 120 + rng.normal(0, NOISE, 500)])
+    assert _feed(monitor, better) == []
+    # One wild minibatch makes ADWIN cut its window, but the next ones are normal again.
+    spike = 120 + rng.normal(0, NOISE, 200)
+    spike[100] = 700.0
+    assert _feed(monitor, spike) == []
+
+
+def test_adwin_waits_for_confirmation_and_reports_the_rise() -> None:
+    monitor = DriftMonitor(DriftSettings("adwin", adwin_min_increase=5))
+    rng = np.random.default_rng(4)
+    _feed(monitor, 120 + rng.normal(0, NOISE, 300))
+    found = []
+    for i in range(20):
+        detection = monitor.update(200.0, examples_seen=30_000 + MINIBATCH * (i + 1))
+        if detection:
+            found.append((i, detection))
+    index, detection = found[0]
+    assert index >= ADWIN_CONFIRM_MINIBATCHES  # the cut, then the confirming minibatches
+    assert detection.statistic == pytest.approx(detection.value - detection.baseline)
+    assert detection.statistic == pytest.approx(80, abs=3)
+
+
+def test_non_finite_values_are_ignored() -> None:
+    monitor = DriftMonitor(DriftSettings("page-hinkley", min_minibatches=1))
+    assert monitor.update(float("nan"), 100) is None
+    assert monitor.update(float("inf"), 200) is None
+    assert monitor.statistics["page-hinkley"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"detector": "cusum"}, "unknown drift detector"),
+        ({"threshold": 0}, "threshold must be positive"),
+        ({"delta": -1}, "delta must not be negative"),
+        ({"adwin_delta": 1.5}, "adwin_delta must be in"),
+        ({"min_minibatches": 0}, "min_minibatches"),
+    ],
+)
+def test_settings_are_validated(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DriftSettings(**kwargs)
+
+
+def test_monitor_needs_a_detector() -> None:
+    assert not DriftSettings("none").enabled
+    with pytest.raises(ValueError):
+        DriftMonitor(DriftSettings("none"))
+
+
+# --- session hooks -------------------------------------------------------------------------
+
+
+class Recorder(SessionObserver):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_open(self, key, last_snapshot_unix, drift_thresholds=None):
+        self.events.append(("open", key, drift_thresholds))
+
+    def on_record(self, record):
+        self.events.append(("record", record.examples_seen))
+
+    def on_drift(self, detection):
+        self.events.append(("drift", detection.examples_seen))
+
+    def on_snapshot(self, key, path, reason, created_unix):
+        self.events.append(("snapshot", reason))
+
+
+class Broken(SessionObserver):
+    def on_record(self, record):
+        raise RuntimeError("observer bug")
+
+
+@pytest.fixture
+def stand_in_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SavedModel export takes seconds; these tests are about when snapshots happen."""
+
+    class Exporter:
+        def __init__(self, model) -> None:
+            self.model = model
+
+        def save(self, directory) -> None:
+            (pathlib.Path(directory) / "saved_model.pb").write_bytes(b"stand-in")
+
+    monkeypatch.setattr(vae, "Exporter", Exporter)
+
+
+def test_session_logs_snapshots_and_tells_observers_on_drift(
+    tmp_path: pathlib.Path, stand_in_export: None
+) -> None:
+    d = 64
+    config = vae.VAEConfig(input_dim=d, latent_dim=2, hidden_dim=16, batch_size=10, seed=3)
+    recorder = Recorder()
+    progress = ProgressLog(tmp_path / "progress.jsonl", stream=io.StringIO())
+    session = TrainingSession(
+        tmp_path,
+        "sensor-1",
+        config,
+        Cadence(log_every_steps=1000),
+        progress,
+        observers=[Broken(), recorder],
+        drift=DriftSettings("page-hinkley", min_minibatches=10),
+    )
+    rng = np.random.default_rng(0)
+    prototypes = (rng.random((4, d)) > 0.5).astype(np.float32)
+    for step in range(300):
+        batch = prototypes[rng.integers(0, 4, 10)]
+        session.train(batch if step < 200 else 1 - batch)  # inverted after 2,000 examples
+
+    assert recorder.events[0] == ("open", "sensor-1", {"page-hinkley": 50.0})
+    drifts = [e for e in recorder.events if e[0] == "drift"]
+    assert len(drifts) >= 1
+    first = drifts[0][1]
+    assert 2000 < first <= 4000
+    assert session.drift_detections[0].examples_seen == first
+    # The detection was followed by a snapshot taken for it.
+    after = recorder.events[recorder.events.index(("drift", first)) + 1]
+    assert after == ("snapshot", "drift")
+    newest = version_directories(tmp_path / "snapshots" / "sensor-1")[0]
+    assert read_metadata(newest)["reason"] == "drift"
+    # progress.jsonl marks it for `aevb report`.
+    lines = [e for e in read_progress(tmp_path / "progress.jsonl") if "drift" in e]
+    assert lines[0]["examples"] == first
+    assert lines[0]["drift"]["detector"] == "page-hinkley"
+    assert lines[0]["drift"]["statistic"] > 50
+    json.dumps(lines[0])  # plain JSON
+    # The broken observer did not stop training: every record reached the recorder.
+    assert len([e for e in recorder.events if e[0] == "record"]) == 300
+
+
+@pytest.mark.parametrize("name", ["pipeline.drift", "pipeline.observers"])
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), verbose=False, report=True)
+    assert result.failed == 0 and result.attempted > 0, result
+
+
+def test_flags_make_the_settings(tmp_path: pathlib.Path, capsys) -> None:
+    from pipeline import cli
+    from pipeline.options import AEVBOptions, drift_settings, metrics_settings
+
+    options = AEVBOptions(["--drift-detector", "adwin", "--adwin-min-increase", "8"])
+    assert drift_settings(options) == DriftSettings("adwin", adwin_min_increase=8.0)
+    assert drift_settings(AEVBOptions([])).detector == "both"
+    assert drift_settings(AEVBOptions(["--drift-detector", "none"])) is None
+    assert metrics_settings(AEVBOptions([])) is None
+    assert metrics_settings(AEVBOptions(["--metrics-port", "0"])) is not None
+    assert metrics_settings(AEVBOptions(["--pushgateway", "http://gw:9091"])) is not None
+    # A value the flag parser lets through but the detector cannot use: one usage line.
+    status = cli.main(["train", "--adwin-delta", "1.5", "--output", str(tmp_path / "run")])
+    assert status == 2
+    assert "adwin_delta must be in (0, 1)" in capsys.readouterr().err

@@ -1,0 +1,368 @@
+"""Tests for pipeline.metrics: the exporter, multiprocess mode, the Pushgateway pusher,
+and the counters the Beam job keeps (Prometheus and Beam metrics alike).
+
+The pytest process keeps prometheus-client in single-process mode; everything about
+multiprocess mode runs in subprocesses, as the trainer's worker processes do.
+"""
+
+import http.server
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline import metrics
+from pipeline.dead_letter import REASONS, DeadLetter, WriteDeadLetters
+from pipeline.drift import DriftDetection
+from pipeline.records import TrainingRecord
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of a text exposition."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    return _samples(text)[(name, tuple(sorted(labels.items())))]
+
+
+def _record(key: str, examples_seen: int, elbo: float = -120.0, applied: bool = True):
+    per_example = tuple(float(elbo + d) for d in (-10.0, 0.0, 10.0, 0.0))
+    return TrainingRecord(
+        key=key,
+        step=examples_seen // 4,
+        examples_seen=examples_seen,
+        batch_size=4,
+        elbo=elbo,
+        reconstruction_log_likelihood=elbo - 20.0,
+        kl=20.0,
+        applied=applied,
+        event_time=0.0,
+        processing_time=0.0,
+        step_seconds=0.012,
+        elbo_per_example=per_example,
+    )
+
+
+def test_observer_exposes_every_metric_with_a_model_label() -> None:
+    observer = metrics.PrometheusObserver()
+    observer.on_open("obs-a", last_snapshot_unix=1000.0, drift_thresholds={"adwin": 5.0})
+    text = metrics.generate_latest().decode()
+    # Every series starts at 0, so that rate() sees the first increment.
+    for name in ("aevb_examples_total", "aevb_train_steps_total", "aevb_snapshots_total"):
+        assert _value(text, name, model="obs-a") == 0.0
+    assert _value(text, "aevb_skipped_steps_total", model="obs-a", reason="non_finite") == 0.0
+    assert _value(text, "aevb_drift_detections_total", model="obs-a", detector="adwin") == 0.0
+    assert _value(text, "aevb_drift_threshold", model="obs-a", detector="adwin") == 5.0
+    assert _value(text, "aevb_last_snapshot_timestamp_seconds", model="obs-a") == 1000.0
+
+    observer.on_record(_record("obs-a", 4, elbo=-120.0))
+    observer.on_record(_record("obs-a", 8, elbo=-110.0))
+    observer.on_record(_record("obs-a", 12, elbo=float("nan"), applied=False))
+    observer.on_drift_statistic("obs-a", "adwin", 17.0)
+    observer.on_drift(DriftDetection("adwin", 12, 30.0, 5.0, 150.0, 120.0, key="obs-a"))
+    observer.on_snapshot("obs-a", "/runs/x/snapshots/obs-a/3", "drift", 2000.0)
+
+    text = metrics.generate_latest().decode()
+    assert _value(text, "aevb_examples_total", model="obs-a") == 12
+    assert _value(text, "aevb_train_steps_total", model="obs-a") == 2
+    assert _value(text, "aevb_skipped_steps_total", model="obs-a", reason="non_finite") == 1
+    # Gauges hold the latest finite minibatch: the skipped NaN one does not overwrite them.
+    assert _value(text, "aevb_elbo_nats", model="obs-a") == -110.0
+    assert _value(text, "aevb_reconstruction_log_likelihood_nats", model="obs-a") == -130.0
+    assert _value(text, "aevb_kl_nats", model="obs-a") == 20.0
+    assert _value(text, "aevb_negative_elbo_nats_count", model="obs-a") == 8  # NaNs left out
+    # Upper-inclusive buckets: the one -100 nats example counts in le="100.0".
+    assert _value(text, "aevb_negative_elbo_nats_bucket", model="obs-a", le="100.0") == 1
+    assert _value(text, "aevb_negative_elbo_nats_bucket", model="obs-a", le="125.0") == 7
+    assert _value(text, "aevb_step_seconds_count", model="obs-a") == 3
+    assert _value(text, "aevb_step_seconds_bucket", model="obs-a", le="0.015") == 3
+    assert _value(text, "aevb_drift_statistic", model="obs-a", detector="adwin") == 17.0
+    assert _value(text, "aevb_drift_detections_total", model="obs-a", detector="adwin") == 1
+    assert _value(text, "aevb_snapshots_total", model="obs-a") == 1
+    assert _value(text, "aevb_last_snapshot_timestamp_seconds", model="obs-a") == 2000.0
+    # No per-example labels: every aevb series has a model label, and only these labels.
+    allowed = {"model", "reason", "detector", "le"}
+    for name, labels in _samples(text):
+        if name.startswith("aevb_"):
+            assert "model" in dict(labels) and set(dict(labels)) <= allowed, (name, labels)
+
+
+def test_observe_many_matches_one_observation_at_a_time() -> None:
+    registry = CollectorRegistry()
+    buckets = metrics.NEGATIVE_ELBO_BUCKETS
+    one = Histogram("one_nats", "d", ["model"], buckets=buckets, registry=registry)
+    many = Histogram("many_nats", "d", ["model"], buckets=buckets, registry=registry)
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [rng.normal(120, 40, 500), np.asarray(buckets), [-5000.0, 1e6, np.nan, np.inf]]
+    )
+    for value in values[np.isfinite(values)]:
+        one.labels(model="m").observe(float(value))
+    metrics.observe_many(many.labels(model="m"), values)
+    one_child, many_child = one.labels(model="m"), many.labels(model="m")
+    assert [b.get() for b in many_child._buckets] == [b.get() for b in one_child._buckets]
+    assert many_child._sum.get() == pytest.approx(one_child._sum.get())
+
+
+def test_negative_elbo_buckets_are_not_latency_defaults() -> None:
+    assert tuple(metrics.NEGATIVE_ELBO_BUCKETS) != Histogram.DEFAULT_BUCKETS[:-1]
+    assert min(metrics.NEGATIVE_ELBO_BUCKETS) < 0 < 543 < max(metrics.NEGATIVE_ELBO_BUCKETS)
+
+
+# --- multiprocess mode ------------------------------------------------------------------------
+
+_WORKER = """
+import os, sys, time
+from pipeline import metrics
+from pipeline.records import TrainingRecord
+assert metrics.use_multiprocess_dir(sys.argv[1])
+observer = metrics.PrometheusObserver()
+observer.on_open("shared", last_snapshot_unix=float(sys.argv[2]), drift_thresholds={"adwin": 5.0})
+for i in range(int(sys.argv[3])):
+    observer.on_record(TrainingRecord(key="shared", step=i, examples_seen=0, batch_size=100,
+        elbo=float(sys.argv[4]), reconstruction_log_likelihood=-1.0, kl=1.0, applied=True,
+        event_time=0.0, processing_time=0.0, elbo_per_example=(float(sys.argv[4]),) * 100))
+metrics.count_rejected("shared", "wrong_width", 2)
+"""
+
+
+def _run_worker(directory: pathlib.Path, snapshot: float, steps: int, elbo: float) -> None:
+    env = {k: v for k, v in os.environ.items() if k != metrics.MULTIPROC_ENV}
+    subprocess.run(
+        [sys.executable, "-c", _WORKER, str(directory), str(snapshot), str(steps), str(elbo)],
+        check=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def test_worker_processes_are_aggregated(tmp_path: pathlib.Path) -> None:
+    _run_worker(tmp_path, snapshot=100.0, steps=3, elbo=-150.0)
+    _run_worker(tmp_path, snapshot=200.0, steps=5, elbo=-120.0)  # the later process
+    assert len(list(tmp_path.glob("counter_*.db"))) == 2  # one file per process
+
+    registry = CollectorRegistry()
+    metrics.multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    from prometheus_client import generate_latest
+
+    text = generate_latest(registry).decode()
+    # Counters and histograms are summed over processes ...
+    assert _value(text, "aevb_examples_total", model="shared") == 800
+    assert _value(text, "aevb_train_steps_total", model="shared") == 8
+    assert _value(text, "aevb_negative_elbo_nats_count", model="shared") == 800
+    assert _value(text, "aevb_records_rejected_total", model="shared", reason="wrong_width") == 4
+    # ... gauges report the most recently set value, whichever process set it.
+    assert _value(text, "aevb_elbo_nats", model="shared") == -120.0
+    assert _value(text, "aevb_last_snapshot_timestamp_seconds", model="shared") == 200.0
+
+
+def test_multiprocess_mode_cannot_be_chosen_after_metrics_exist(tmp_path: pathlib.Path) -> None:
+    script = (
+        "import sys; from pipeline import metrics; metrics.families(); "
+        "print(metrics.use_multiprocess_dir(sys.argv[1]), metrics.multiprocess_dir())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != metrics.MULTIPROC_ENV}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    assert out == ["False", "None"]
+    # Chosen before any metric exists, and again by a second job in the same process.
+    script = (
+        "import sys; from pipeline import metrics; from prometheus_client import values; "
+        "first = metrics.use_multiprocess_dir(sys.argv[1]); chosen = values.ValueClass; "
+        "metrics.families(); again = metrics.use_multiprocess_dir(sys.argv[1]); "
+        "print(first, again, values.ValueClass is chosen, chosen._multiprocess)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    assert out == ["True", "True", "True", "True"]
+
+
+# --- serving and pushing --------------------------------------------------------------------
+
+
+def test_serve_metrics_on_loopback() -> None:
+    metrics.PrometheusObserver().on_open("served", last_snapshot_unix=5.0)
+    server = metrics.serve_metrics("127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert _value(text, "aevb_last_snapshot_timestamp_seconds", model="served") == 5.0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class FakePushgateway:
+    """Records the requests a Pushgateway would get."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str]] = []
+        gateway = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                gateway.requests.append(("PUT", self.path, self.rfile.read(length).decode()))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def pushgateway():
+    gateway = FakePushgateway()
+    yield gateway
+    gateway.close()
+
+
+def test_push_groups_by_job_and_model(pushgateway: FakePushgateway) -> None:
+    observer = metrics.PrometheusObserver()
+    for key in ("push-a", "push-b"):
+        observer.on_open(key, last_snapshot_unix=1.0)
+    observer.on_record(_record("push-a", 4))
+    pushed = metrics.push_once(pushgateway.url, job="aevb-batch")
+    assert {"push-a", "push-b"} <= set(pushed)
+    by_path = {path: body for _, path, body in pushgateway.requests}
+    body_a = by_path["/metrics/job/aevb-batch/model/push-a"]
+    body_b = by_path["/metrics/job/aevb-batch/model/push-b"]
+    assert _value(body_a, "aevb_examples_total", model="push-a") == 4
+    assert _value(body_b, "aevb_examples_total", model="push-b") == 0
+    # Each group holds its own model's series only.
+    assert all(dict(labels).get("model") == "push-a" for _, labels in _samples(body_a))
+
+
+def test_pusher_pushes_on_an_interval_and_at_the_end(pushgateway: FakePushgateway) -> None:
+    metrics.PrometheusObserver().on_open("interval", last_snapshot_unix=1.0)
+    pusher = metrics.MetricsPusher(pushgateway.url, job="aevb", interval=0.05).start()
+    deadline = time.monotonic() + 10
+    while pusher.pushes < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pusher.pushes >= 2
+    pusher.stop()
+    final = pusher.pushes
+    assert final >= 3  # the interval pushes, then the final one
+    assert not pusher._thread.is_alive()
+
+
+def test_pusher_survives_an_unreachable_gateway() -> None:
+    metrics.PrometheusObserver().on_open("unreachable", last_snapshot_unix=1.0)
+    pusher = metrics.MetricsPusher("http://127.0.0.1:9", job="aevb", interval=60)
+    pusher.stop()  # never started: only the final push, which fails
+    assert pusher.failures == 1 and pusher.pushes == 0
+
+
+# --- the Beam job's counters ----------------------------------------------------------------
+
+
+def test_dead_letters_count_in_prometheus_and_beam(tmp_path: pathlib.Path) -> None:
+    letters = [
+        DeadLetter("a.csv", "non_numeric", "cell", "line 2: x", 2),
+        DeadLetter("b.npy", "wrong_width", "3 values", "row 0: 1,2,3", 0),
+        DeadLetter("b.npy", "wrong_width", "3 values", "row 1: 1,2,3", 1),
+    ]
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    _ = (
+        pipeline
+        | beam.Create(letters)
+        | WriteDeadLetters(str(tmp_path), model_key="letters", prometheus=True)
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    text = metrics.generate_latest().decode()
+    assert _value(text, "aevb_records_rejected_total", model="letters", reason="wrong_width") == 2
+    assert _value(text, "aevb_records_rejected_total", model="letters", reason="non_numeric") == 1
+    for reason in REASONS:  # every reason's series exists, at 0 when unused
+        assert ("aevb_records_rejected_total", (("model", "letters"), ("reason", reason))) in (
+            _samples(text)
+        )
+    counters = result.metrics().query(MetricsFilter().with_namespace("aevb"))["counters"]
+    beam_counts = {c.key.metric.name: c.committed for c in counters if c.committed}
+    assert beam_counts == {
+        metrics.beam_counter_name("aevb_records_rejected_total", "wrong_width"): 2,
+        metrics.beam_counter_name("aevb_records_rejected_total", "non_numeric"): 1,
+    }
+
+
+def test_trainer_counts_in_prometheus_and_beam_alike(tmp_path: pathlib.Path) -> None:
+    import vae
+    from pipeline.trainer import TrainVAE
+
+    config = vae.VAEConfig(input_dim=8, latent_dim=2, hidden_dim=8, batch_size=10)
+    data = (np.random.default_rng(0).random((95, 8)) > 0.5).astype(np.float32)
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    _ = (
+        pipeline
+        | beam.Create([("trainer-m", data[:50]), ("trainer-m", data[50:])])
+        | TrainVAE(config, str(tmp_path), metrics=metrics.MetricsSettings(), drift=None)
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    text = metrics.generate_latest().decode()
+    assert _value(text, "aevb_examples_total", model="trainer-m") == 95
+    assert _value(text, "aevb_train_steps_total", model="trainer-m") == 10  # 9 full, 1 partial
+    assert _value(text, "aevb_snapshots_total", model="trainer-m") == 1  # end of input
+    counters = result.metrics().query(MetricsFilter().with_namespace("aevb"))["counters"]
+    beam_counts = {c.key.metric.name: c.committed for c in counters}
+    assert beam_counts["examples_total"] == 95
+    assert beam_counts["train_steps_total"] == 10
+    assert beam_counts["snapshots_total"] == 1
+    snapshot = json.loads(
+        (tmp_path / "snapshots" / "trainer-m" / "1" / "assets.extra" / "aevb.json").read_text()
+    )
+    assert _value(text, "aevb_last_snapshot_timestamp_seconds", model="trainer-m") == (
+        pytest.approx(snapshot["created_unix_seconds"])
+    )
+
+
+@pytest.mark.parametrize("name", ["pipeline.metrics"])
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), verbose=False, report=True)
+    assert result.failed == 0 and result.attempted > 0, result
