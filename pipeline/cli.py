@@ -146,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--source", default="dataset", help="dataset or files:GLOB")
     job.add_argument("--runner", default=DEFAULT_RUNNER)
     job.add_argument("--json", action="store_true")
+
+    drift = benches.add_parser(
+        "drift", help="detection, recovery and forgetting: every scenario x adaptation policy"
+    )
+    add_data_flags(drift.add_argument_group("data"))
+    add_model_flags(drift.add_argument_group("model and learning algorithm"))
+    drift.add_argument("--phase-examples", type=positive_int, default=150_000)
+    drift.add_argument("--stationary-examples", type=positive_int, default=1_000_000)
+    drift.add_argument("--policies", default="none,reset,decay,rmsprop,adam")
+    drift.add_argument("--scenarios", default="class-incremental,gradual,abrupt,recurring")
+    drift.add_argument("--plot-dir", type=pathlib.Path, help="write one PNG per scenario here")
+    drift.add_argument("--json", action="store_true")
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import pathlib
 
@@ -13,8 +14,15 @@ from pipeline import bench as benchmarks
 from pipeline.cli import UsageError, print_json, writable_directory
 from pipeline.datasets import CorruptDataError, Dataset, DataUnavailableError, load_dataset
 from pipeline.job import examples_already_seen, run_training
-from pipeline.options import AEVBOptions, cadence, drift_settings, model_config, run_dir
-from pipeline.progress import read_progress
+from pipeline.options import (
+    AEVBOptions,
+    cadence,
+    drift_settings,
+    model_config,
+    run_dir,
+    scenario_spec,
+)
+from pipeline.progress import ProgressLog, read_progress
 from pipeline.records import validate_model_key
 from pipeline.report import (
     bound_figure,
@@ -23,6 +31,7 @@ from pipeline.report import (
     parts_figure,
     samples_figure,
 )
+from pipeline.scenarios import build_scenario
 from pipeline.snapshots import read_metadata, resolve_version
 from pipeline.sources import parse_source
 
@@ -39,7 +48,11 @@ def train(args: argparse.Namespace) -> int:
         kind, _ = parse_source(aevb.source)
         config = model_config(aevb)
         cadence(aevb)  # validates the cadence flags together
-        drift_settings(aevb)  # and the drift detector's
+        detector = drift_settings(aevb)  # and the drift detector's
+        if scenario_spec(aevb) is not None and kind != "dataset":
+            raise ValueError(f"--drift {aevb.drift} replays --dataset: use --source dataset")
+        if aevb.adaptation == "reset" and detector is None:
+            raise ValueError("--adaptation reset acts on drift detections: choose a detector")
     except ValueError as error:
         raise UsageError(str(error)) from None
     already = examples_already_seen(run_dir(aevb), aevb.model_key)
@@ -68,6 +81,7 @@ def train(args: argparse.Namespace) -> int:
         " (streaming)" if args.streaming else "",
         run_dir(aevb),
     )
+    record_drift_schedule(aevb)
     run_training(options)
     for model_dir in sorted((pathlib.Path(run_dir(aevb)) / "snapshots").glob("[!.]*")):
         newest = resolve_version(model_dir)
@@ -159,6 +173,34 @@ def produce(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     return 0
+
+
+def record_drift_schedule(options: AEVBOptions) -> None:
+    """Writes a drift scenario's phases into progress.jsonl, so plots mark the true changes."""
+    spec = scenario_spec(options)
+    if spec is None:
+        return
+    scenario = build_scenario(
+        spec, options.dataset, options.data_dir, options.fallback_dataset, options.seed
+    )
+    horizon = options.max_examples or 10 * spec.phase_examples
+    phases = [phase.to_dict() for phase in scenario.phases(horizon)]
+    for phase in phases:
+        logger.info(
+            "drift scenario %s: phase %d from example %d: %s",
+            spec.kind,
+            phase["index"],
+            phase["start"],
+            phase["name"],
+        )
+    log = ProgressLog(pathlib.Path(run_dir(options)) / "progress.jsonl")
+    log.write(
+        {
+            "key": options.model_key,
+            "examples": examples_already_seen(run_dir(options), options.model_key),
+            "drift_schedule": {"scenario": dataclasses.asdict(spec), "phases": phases},
+        }
+    )
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -263,6 +305,8 @@ def bench(args: argparse.Namespace) -> int:
                 if getattr(args, flag) is not None
             ],
         )
+    elif args.bench == "drift":
+        result = _drift_benchmark(args)
     else:
         raise UsageError(f"unknown benchmark {args.bench!r}")
     if args.json:
@@ -271,6 +315,44 @@ def bench(args: argparse.Namespace) -> int:
         for name, value in result.items():
             print(f"{name:32s} {value}")
     return 0
+
+
+def _drift_benchmark(args: argparse.Namespace) -> dict:
+    from pipeline import drift_bench
+    from pipeline.report import drift_benchmark_figure
+    from pipeline.scenarios import SCENARIOS
+
+    policies = [p for p in args.policies.split(",") if p]
+    names = [n for n in args.scenarios.split(",") if n]
+    unknown = set(policies) - set(drift_bench.POLICIES) | set(names) - set(SCENARIOS)
+    if unknown:
+        raise UsageError(f"unknown policies or scenarios: {', '.join(sorted(unknown))}")
+    dataset = load_data(args)
+    if dataset.train_labels is None:
+        raise UsageError(f"the drift benchmark needs a labelled data set, not {dataset.name}")
+    args.adaptation = "none"  # each policy sets its own optimiser
+    try:
+        config = model_config(args, dataset.input_dim, dataset.likelihood)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    result = drift_bench.drift_benchmark(
+        dataset,
+        config,
+        phase_examples=args.phase_examples,
+        stationary_examples=args.stationary_examples,
+        policies=policies,
+        scenario_names=names,
+        half_life=args.half_life_examples,
+    )
+    curves = result.pop("_curves")
+    if args.plot_dir is not None:
+        output = writable_directory(args.plot_dir, "--plot-dir")
+        for name in names:
+            runs = {policy: curves[(name, policy)] for policy in policies}
+            change = next(r["change_examples"] for r in result["results"] if r["scenario"] == name)
+            path = drift_benchmark_figure(runs, change, output / f"drift-{name}.png", name)
+            logger.info("wrote %s", path)
+    return result
 
 
 def load_data(args: argparse.Namespace) -> Dataset:

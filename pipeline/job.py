@@ -39,6 +39,7 @@ from pipeline.options import (
     metrics_settings,
     model_config,
     run_dir,
+    scenario_spec,
 )
 from pipeline.sources import ReplayDataset, kafka_source, parse_source, read_files
 from pipeline.trainer import TestSetEvaluation, TrainVAE, close_live_sessions
@@ -90,6 +91,7 @@ def build_training_pipeline(
                 seed=options.seed,
                 skip=already,
                 job_id=job_id,
+                scenario=scenario_spec(options),
             )
             | "Validate"
             >> beam.ParDo(ValidateChunks(input_dim, likelihood)).with_outputs(
@@ -141,6 +143,7 @@ def build_training_pipeline(
         streaming=streaming,
         metrics=metrics_settings(options),
         drift=drift_settings(options),
+        reset_optimizer_on_drift=options.adaptation == "reset",
     )
     dead_letters = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
         directory,

@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import drift
 from pipeline.datasets import DATASETS, dataset_shape
+from pipeline.scenarios import SCENARIOS, ScenarioSpec
 from vae.config import LIKELIHOODS, VAEConfig
 
 if TYPE_CHECKING:
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from pipeline.session import Cadence
 
 DEFAULT_RUNNER = "FnApiRunner"
+ADAPTATIONS: tuple[str, ...] = ("none", "reset", "decay", "rmsprop", "adam")
+DEFAULT_HALF_LIFE_EXAMPLES = 50_000.0
+# Adaptive-moment methods want smaller steps than Adagrad (their usual defaults).
+DEFAULT_LEARNING_RATES = {"adagrad": 0.02, "rmsprop": 1e-3, "adam": 1e-3}
 DEFAULT_CHUNK_SIZE = 1000
 
 
@@ -72,7 +77,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=positive_int, default=500, help="hidden units (500)")
     parser.add_argument("--batch-size", type=positive_int, default=100, help="M (default 100)")
     parser.add_argument(
-        "--learning-rate", type=positive_float, default=0.02, help="Adagrad step size (0.02)"
+        "--learning-rate",
+        type=positive_float,
+        help="global step size (default 0.02 for Adagrad, the paper's; 0.001 for rmsprop/adam)",
     )
     parser.add_argument("--samples-per-example", type=positive_int, default=1, help="L (1)")
     parser.add_argument(
@@ -88,6 +95,20 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="MAP prior N(0, I) on the parameters, as 1/N for N examples (default off)",
     )
     parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument(
+        "--adaptation",
+        choices=ADAPTATIONS,
+        default="none",
+        help="how the optimiser follows a drifting stream: none (the paper's Adagrad), reset "
+        "(Adagrad's accumulators zeroed when drift is detected), decay (Adagrad forgetting "
+        "with --half-life-examples), rmsprop or adam (baselines)",
+    )
+    parser.add_argument(
+        "--half-life-examples",
+        type=positive_float,
+        default=DEFAULT_HALF_LIFE_EXAMPLES,
+        help="half-life of Adagrad's accumulators with --adaptation decay (default 50000)",
+    )
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +165,7 @@ class AEVBOptions(PipelineOptions):
             choices=LIKELIHOODS,
             help="decoder for files/kafka input (else --dataset's)",
         )
+        add_scenario_flags(parser.add_argument_group("drift scenarios (dataset source)"))
         add_model_flags(parser.add_argument_group("model and learning algorithm"))
         run = parser.add_argument_group("run")
         run.add_argument(
@@ -279,6 +301,47 @@ def metrics_settings(options: AEVBOptions) -> MetricsSettings | None:
     return MetricsSettings()
 
 
+def add_scenario_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--drift",
+        choices=("none", *SCENARIOS),
+        default="none",
+        help="replay --dataset as a non-stationary stream (deterministic under --seed)",
+    )
+    parser.add_argument(
+        "--phase-examples",
+        type=positive_int,
+        default=200_000,
+        help="examples per phase (gradual: before the rotation starts)",
+    )
+    parser.add_argument("--drift-classes", default="0-4,5-9", help="class-incremental phases")
+    parser.add_argument(
+        "--drift-datasets",
+        default="mnist,inverted-mnist",
+        help="abrupt/recurring phases: data sets of one shape; 'inverted-' inverts one",
+    )
+    parser.add_argument("--rotation-degrees", type=float, default=90.0, help="gradual: final angle")
+    parser.add_argument(
+        "--rotation-span-examples",
+        type=positive_int,
+        help="gradual: examples over which the angle grows (default --phase-examples)",
+    )
+
+
+def scenario_spec(options: AEVBOptions) -> ScenarioSpec | None:
+    """The drift scenario the flags ask for (None: the plain reshuffled replay)."""
+    if options.drift == "none":
+        return None
+    return ScenarioSpec(
+        kind=options.drift,
+        phase_examples=options.phase_examples,
+        classes=options.drift_classes,
+        datasets=options.drift_datasets,
+        rotation_degrees=options.rotation_degrees,
+        rotation_span_examples=options.rotation_span_examples,
+    )
+
+
 def input_spec(options: AEVBOptions) -> tuple[int, str]:
     """Input width and likelihood: explicit flags win over the data set's own."""
     shape = dataset_shape(options.dataset)
@@ -293,6 +356,8 @@ def model_config(
     """The model the flags describe; input width and likelihood default to `input_spec`'s."""
     if input_dim is None or likelihood is None:
         input_dim, likelihood = input_spec(options)
+    optimizer = options.adaptation if options.adaptation in ("rmsprop", "adam") else "adagrad"
+    half_life = options.half_life_examples if options.adaptation == "decay" else None
     return VAEConfig(
         input_dim=input_dim,
         latent_dim=options.latent_dim,
@@ -301,8 +366,10 @@ def model_config(
         estimator=options.estimator,
         samples_per_example=options.samples_per_example,
         batch_size=options.batch_size,
-        learning_rate=options.learning_rate,
+        learning_rate=options.learning_rate or DEFAULT_LEARNING_RATES[optimizer],
         weight_decay=options.weight_decay,
+        optimizer=optimizer,
+        accumulator_half_life_examples=half_life,
         seed=options.seed,
     )
 

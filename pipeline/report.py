@@ -99,7 +99,40 @@ def drift_positions(entries: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
     return [(e.get("key", "default"), e["examples"]) for e in entries if "drift" in e]
 
 
+def change_points(entries: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(start, name) of every phase after the first in a recorded drift schedule.
+
+    >>> change_points([{"drift_schedule": {"phases": [{"start": 0, "name": "a"},
+    ...                                               {"start": 9, "name": "b"}]}}])
+    [(9, 'b')]
+    """
+    points = []
+    for entry in entries:
+        if "drift_schedule" in entry:
+            phases = entry["drift_schedule"]["phases"]
+            points += [(phase["start"], phase["name"]) for phase in phases[1:]]
+    return points
+
+
 def _mark_drift(axes, entries: Sequence[dict[str, Any]]) -> None:
+    for index, (start, name) in enumerate(change_points(entries)):
+        axes.axvline(
+            start,
+            color="black",
+            lw=1.0,
+            ls=":",
+            alpha=0.8,
+            label="true change (scenario)" if index == 0 else None,
+        )
+        axes.annotate(
+            name,
+            (start, 0.02),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=7,
+            va="bottom",
+            ha="right",
+        )
     for index, (_key, examples) in enumerate(drift_positions(entries)):
         axes.axvline(
             examples,
@@ -245,3 +278,40 @@ def samples_figure(
         pathlib.Path(path),
         title or f"Random samples (decoder means), {config.latent_dim}-D latent space",
     )
+
+
+def drift_benchmark_figure(
+    runs: dict[str, Any], change: int, path: str | os.PathLike, scenario: str
+) -> pathlib.Path:
+    """The test-then-train bound of each adaptation policy around a scenario's change.
+
+    `runs` maps policy -> `pipeline.drift_bench.StreamRun`; curves are moving averages over
+    2,000 examples, detections are ticks on each policy's curve.
+    """
+    path = pathlib.Path(path)
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
+    values = []
+    for policy, run in runs.items():
+        batch = int(run.positions[1] - run.positions[0])
+        window = max(1, 2_000 // batch)
+        smoothed = np.convolve(run.bounds, np.ones(window) / window, mode="valid")
+        positions = run.positions[window - 1 :]
+        (line,) = axes.plot(positions, smoothed, lw=1.2, label=policy)
+        values.append(smoothed)
+        detected = [d for d in run.detections if positions[0] <= d <= positions[-1]]
+        if detected:
+            at = np.searchsorted(positions, detected).clip(0, len(positions) - 1)
+            axes.scatter(detected, smoothed[at], marker="v", s=30, color=line.get_color())
+    axes.axvline(change, color="black", ls=":", lw=1.0, label="true change")
+    everything = np.concatenate(values)
+    axes.set_ylim(np.percentile(everything, 2) - 5, everything.max() + 5)
+    axes.set_xlabel("training examples seen")
+    axes.set_ylabel("test-then-train bound (nats, 2,000-example average)")
+    axes.set_title(f"{scenario}: adaptation policies (triangles: drift detections)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -261,3 +261,79 @@ def rotate_images(rows: np.ndarray, image_shape: tuple[int, int], angles: np.nda
 def invert(images: np.ndarray) -> np.ndarray:
     """Inverted images: ink becomes background (stays in [0, 1] for a Bernoulli decoder)."""
     return (1.0 - images).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenarioSpec:
+    """A scenario by name and parameters: small and picklable, built where the data is.
+
+    >>> ScenarioSpec("abrupt", phase_examples=1000).pool_names()
+    ['mnist', 'inverted-mnist']
+    """
+
+    kind: str
+    phase_examples: int = 200_000
+    classes: str = "0-4,5-9"
+    datasets: str = "mnist,inverted-mnist"
+    rotation_degrees: float = 90.0
+    rotation_span_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCENARIOS:
+            raise ValueError(f"unknown drift scenario {self.kind!r}; one of {SCENARIOS}")
+        if self.phase_examples < 1:
+            raise ValueError(f"phase examples must be positive, got {self.phase_examples}")
+        if self.kind == "class-incremental":
+            parse_classes(self.classes)
+        if self.kind in ("abrupt", "recurring") and len(self.pool_names()) < 2:
+            raise ValueError(f"{self.kind} needs two data sets or more, got {self.datasets!r}")
+
+    def pool_names(self) -> list[str]:
+        return [name.strip() for name in self.datasets.split(",") if name.strip()]
+
+
+@functools.lru_cache(maxsize=4)
+def build_scenario(
+    spec: ScenarioSpec,
+    dataset: str = "mnist",
+    data_dir: str | None = None,
+    fallback: str | None = None,
+    seed: int = 0,
+) -> Scenario:
+    """The scenario `spec` names, over `dataset` (cached: a process builds it once)."""
+    from pipeline.datasets import load_dataset
+
+    base = load_dataset(dataset, data_dir, fallback=fallback)
+    if spec.kind == "class-incremental":
+        if base.train_labels is None:
+            raise ValueError(f"class-incremental needs labels; {dataset} has none")
+        return class_incremental(
+            base.train,
+            base.train_labels,
+            spec.classes,
+            spec.phase_examples,
+            seed,
+            base.test,
+            base.test_labels,
+        )
+    if spec.kind == "gradual":
+        return gradual_rotation(
+            base.train,
+            base.image_shape,
+            start=spec.phase_examples,
+            span=spec.rotation_span_examples or spec.phase_examples,
+            max_angle=spec.rotation_degrees,
+            seed=seed,
+            test_images=base.test,
+        )
+    pools, test_pools = {}, {}
+    for name in spec.pool_names():
+        inverted = name.startswith("inverted-")
+        source = name.removeprefix("inverted-")
+        data = base if source == dataset else load_dataset(source, data_dir, fallback=fallback)
+        if data.input_dim != base.input_dim:
+            raise ValueError(f"{name} has {data.input_dim} inputs, {dataset} {base.input_dim}")
+        pools[name] = invert(data.train) if inverted else data.train
+        test_pools[name] = invert(data.test) if inverted else data.test
+    cycle = spec.kind == "recurring"
+    return abrupt(pools, spec.phase_examples, seed, test_pools, cycle=cycle)

@@ -88,6 +88,7 @@ class TrainingSession:
         clock: Callable[[], float] = time.time,
         observers: Sequence[SessionObserver] = (),
         drift: DriftSettings | None = None,
+        reset_optimizer_on_drift: bool = False,
     ) -> None:
         self.run_dir = pathlib.Path(run_dir)
         self.key = validate_model_key(key)
@@ -109,6 +110,9 @@ class TrainingSession:
         self.observers = tuple(observers)
         self._observer_failures: set[tuple[int, str]] = set()
         self.drift = DriftMonitor(drift) if drift is not None and drift.enabled else None
+        if reset_optimizer_on_drift and self.drift is None:
+            raise ValueError("resetting the optimiser on drift needs a drift detector")
+        self.reset_optimizer_on_drift = reset_optimizer_on_drift
         self.drift_detections: list[DriftDetection] = []
         self._notify(
             "on_open",
@@ -190,6 +194,10 @@ class TrainingSession:
         )
         self._notify("on_drift", detection)
         self._snapshot("drift")
+        if self.reset_optimizer_on_drift:
+            # After the snapshot, which keeps the model as it was when the data moved.
+            self.trainer.reset_optimizer()
+            logger.info("%s: optimiser state reset (--adaptation reset)", self.key)
 
     def _notify(self, method: str, *args: Any) -> None:
         for observer in self.observers:

@@ -44,6 +44,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
 from pipeline.datasets import load_dataset
 from pipeline.lifecycle import stop_requested
+from pipeline.scenarios import Scenario, ScenarioSpec, build_scenario
 
 __all__ = [
     "SOURCE_FORMS",
@@ -173,6 +174,33 @@ class _ReplayPlan:
         return data[self._permutation(epoch)[start:end]]
 
 
+class _ScenarioPlan:
+    """Random access to the chunks of a drift scenario's stream (see `pipeline.scenarios`).
+
+    Chunk i holds examples [skip + i * chunk_size, ...) of the scenario, so a resumed job
+    continues the same stream; the schedule is in examples, not chunks.
+    """
+
+    def __init__(
+        self, scenario: Scenario, chunk_size: int, max_examples: int | None, skip: int
+    ) -> None:
+        self._scenario = scenario
+        self._size = chunk_size
+        self._limit = max_examples
+        self._skip = skip
+
+    @property
+    def n_chunks(self) -> int | None:
+        if self._limit is None:
+            return None
+        return max(0, math.ceil((self._limit - self._skip) / self._size))
+
+    def chunk(self, data: np.ndarray | None, index: int) -> np.ndarray:
+        start = self._skip + index * self._size
+        end = start + self._size if self._limit is None else min(start + self._size, self._limit)
+        return self._scenario.examples(start, end - start)
+
+
 class _Pacer:
     """Rate limit over the long run: example n is due ``n / rate`` seconds after the start."""
 
@@ -251,13 +279,21 @@ class _ReplaySpec:
     seed: int
     skip: int
     job_id: str | None
+    scenario: ScenarioSpec | None = None
 
-    def rows(self) -> np.ndarray:
+    def rows(self) -> np.ndarray | None:
+        if self.scenario is not None:
+            return None  # a scenario draws from its own pools
         if self.data is not None:
             return self.data
         return _load_train(self.dataset, self.data_dir, self.fallback)
 
-    def plan(self) -> _ReplayPlan:
+    def plan(self) -> _ReplayPlan | _ScenarioPlan:
+        if self.scenario is not None:
+            scenario = build_scenario(
+                self.scenario, self.dataset, self.data_dir, self.fallback, self.seed
+            )
+            return _ScenarioPlan(scenario, self.chunk_size, self.max_examples, self.skip)
         return _ReplayPlan(
             len(self.rows()),
             self.chunk_size,
@@ -342,6 +378,8 @@ class ReplayDataset(beam.PTransform):
             label.
         data: replay these float32 [N, D] rows instead of loading ``dataset`` (tests,
             synthetic streams); they are pickled into the pipeline.
+        scenario: replay a drift scenario of ``dataset`` instead (`pipeline.scenarios`):
+            its schedule of phases, in examples, decides what each chunk holds.
         streaming: checkpoint every few chunks (``defer_remainder``) so the runner can commit
             and downstream stages run as the chunks come; an unbounded or rate-limited
             replay does so in batch mode too.
@@ -365,8 +403,11 @@ class ReplayDataset(beam.PTransform):
         skip: int = 0,
         job_id: str | None = None,
         data: np.ndarray | None = None,
+        scenario: ScenarioSpec | None = None,
     ) -> None:
         super().__init__()
+        if scenario is not None and (data is not None or epochs is not None):
+            raise ValueError("a drift scenario is its own stream: no data or epochs with it")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         for name, value in (("max_examples", max_examples), ("epochs", epochs), ("skip", skip)):
@@ -393,6 +434,7 @@ class ReplayDataset(beam.PTransform):
             seed=seed,
             skip=skip,
             job_id=job_id,
+            scenario=scenario,
         )
         self._fn_class = _ReplayFn if bounded else _UnboundedReplayFn
 

@@ -76,6 +76,7 @@ class TrainerSpec:
     streaming: bool = False
     metrics: MetricsSettings | None = None
     drift: DriftSettings | None = None
+    reset_optimizer_on_drift: bool = False
 
 
 class TrainVAE(beam.PTransform):
@@ -100,6 +101,7 @@ class TrainVAE(beam.PTransform):
         clock: Callable[[], float] = time.time,
         metrics: MetricsSettings | None = None,
         drift: DriftSettings | None = None,
+        reset_optimizer_on_drift: bool = False,
     ) -> None:
         super().__init__()
         self.spec = TrainerSpec(
@@ -113,6 +115,7 @@ class TrainVAE(beam.PTransform):
             streaming=streaming,
             metrics=metrics,
             drift=drift,
+            reset_optimizer_on_drift=reset_optimizer_on_drift,
         )
         self.default_key = validate_model_key(default_key)
         self.clock = clock
@@ -310,6 +313,7 @@ def _open_session(
                 clock=clock,
                 observers=_observers(spec.metrics),
                 drift=spec.drift,
+                reset_optimizer_on_drift=spec.reset_optimizer_on_drift,
             )
             _live_sessions[(spec.run_dir, key)] = session
         return session
