@@ -304,14 +304,9 @@ def _csv_blocks(lines: _Lines, key: str, input_dim: int) -> tuple[list[_Block], 
     if not lines.texts:
         return [], []
     positions = None if lines.positions is None else np.asarray(lines.positions)
-    try:
-        # Fast path: NumPy's C parser for the whole input.
-        values = np.loadtxt(lines.texts, delimiter=",", dtype=np.float64, ndmin=2, comments=None)
-    except ValueError:
-        pass
-    else:
-        if len(values) == len(lines.texts):
-            return [_Block(key, values, lines.unit, positions)], []
+    values = _parse_number_lines(lines.texts)
+    if values is not None:
+        return [_Block(key, values, lines.unit, positions)], []
     # Some line is bad: parse line by line so that only the bad lines are rejected.
     rows, kept, letters = [], [], []
     for index, text in enumerate(lines.texts):
@@ -336,6 +331,30 @@ def _csv_blocks(lines: _Lines, key: str, input_dim: int) -> tuple[list[_Block], 
     return [_Block(key, np.stack(rows), lines.unit, block_positions)], letters
 
 
+def _parse_number_lines(texts: list[str]) -> np.ndarray | None:
+    """Lines of comma-separated numbers, all of one width, parsed by pandas' C reader.
+
+    The fast path (about 50 us for a 784-value row, a fifth of NumPy's `loadtxt`, which
+    would cost several times a training step): None when any line is not such a line, and
+    the caller then parses line by line to reject only the bad ones.
+    """
+    import pandas as pd  # a dependency of mlxtend: already installed
+
+    text = "\n".join(texts)
+    width = texts[0].count(",") + 1
+    # pandas fills a short row with NaN instead of failing: count the separators first.
+    if text.count(",") != len(texts) * (width - 1):
+        return None
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text), header=None, dtype=np.float64, na_filter=False, engine="c"
+        )
+    except (ValueError, pd.errors.ParserError):
+        return None
+    values = frame.to_numpy()
+    return values if values.shape == (len(texts), width) else None
+
+
 def _parse_jsonl(
     path: str, data: bytes, input_dim: int, default_key: str
 ) -> tuple[list[_Block], list[DeadLetter]]:
@@ -352,6 +371,13 @@ _JSON_SHAPE = 'expected a JSON array of numbers or an object {"x": [numbers], "k
 
 def _json_blocks(lines: _Lines, input_dim: int) -> tuple[list[_Block], list[DeadLetter], int]:
     """(blocks by key, dead letters, number of lines that were JSON at all)."""
+    stripped = [text.strip() for text in lines.texts]
+    if all(text[:1] == "[" and text[-1:] == "]" for text in stripped):
+        # Plain arrays of numbers, no keys: the bracketless lines are CSV, read in C.
+        values = _parse_number_lines([text[1:-1] for text in stripped])
+        if values is not None and len(set(lines.keys)) == 1:
+            positions = None if lines.positions is None else np.asarray(lines.positions)
+            return [_Block(lines.keys[0], values, lines.unit, positions)], [], len(stripped)
     letters = []
     parsed = 0
     by_key: dict[str, tuple[list[Any], list[int]]] = {}
