@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--runner", default=DEFAULT_RUNNER)
     job.add_argument("--json", action="store_true")
 
+    memory = benches.add_parser("memory", help="resident memory over a long streaming job")
+    add_data_flags(memory.add_argument_group("data"))
+    add_model_flags(memory.add_argument_group("model and learning algorithm"))
+    memory.add_argument("--examples", type=positive_int, default=2_000_000)
+    memory.add_argument("--baseline-examples", type=positive_int, default=100_000)
+    memory.add_argument("--runner", default=DEFAULT_RUNNER)
+    memory.add_argument("--json", action="store_true")
+
     drift = benches.add_parser(
         "drift", help="detection, recovery and forgetting: every scenario x adaptation policy"
     )

@@ -305,6 +305,19 @@ def bench(args: argparse.Namespace) -> int:
                 if getattr(args, flag) is not None
             ],
         )
+    elif args.bench == "memory":
+        dataset = load_data(args)
+        try:
+            config = model_config(args, dataset.input_dim, dataset.likelihood)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        result = benchmarks.memory_growth(
+            dataset,
+            config,
+            examples=args.examples,
+            baseline_examples=args.baseline_examples,
+            runner=args.runner,
+        )
     elif args.bench == "drift":
         result = _drift_benchmark(args)
     else:
