@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## Train on MNIST (or the packaged 5000-image subset when MNIST cannot be had) until Ctrl-C.
+## The main streaming job: MNIST (or the packaged 5000-image subset when MNIST cannot be had)
+## until Ctrl-C, metrics on http://127.0.0.1:9890/metrics (the port deploy/prometheus scrapes).
 run: install
-	$(BIN)/aevb train --dataset mnist --fallback-dataset mnist-5k --output $(RUN_DIR) \
-		--snapshot-every-seconds 30 --log-every-steps 100
+	$(BIN)/aevb train --streaming --dataset mnist --fallback-dataset mnist-5k --output $(RUN_DIR) \
+		--snapshot-every-seconds 30 --log-every-steps 100 --metrics-port 9890
 
 ## Debian's `prometheus` package: `prometheus` and `promtool` for the alert-rule tests and the
 ## end-to-end test (tests start their own server on loopback; the package's service is not
