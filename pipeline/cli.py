@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--examples", type=positive_int, default=200_000)
     job.add_argument("--chunk-size", type=positive_int, default=1000)
     job.add_argument("--source", default="dataset", help="dataset or files:GLOB")
+    job.add_argument(
+        "--files-format",
+        choices=("jsonl", "csv", "npy"),
+        help="write the examples to files of this format first and watch them (per-record text)",
+    )
     job.add_argument("--runner", default=DEFAULT_RUNNER)
     job.add_argument("--json", action="store_true")
 

@@ -299,6 +299,7 @@ def bench(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             source=args.source,
             runner=args.runner,
+            files_format=args.files_format,
             extra_flags=[
                 f"--{flag.replace('_', '-')}={getattr(args, flag)}"
                 for flag in ("data_dir", "fallback_dataset")
