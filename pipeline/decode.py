@@ -340,6 +340,8 @@ def _parse_number_lines(texts: list[str]) -> np.ndarray | None:
     """
     import pandas as pd  # a dependency of mlxtend: already installed
 
+    if not texts:
+        return None
     text = "\n".join(texts)
     width = texts[0].count(",") + 1
     # pandas fills a short row with NaN instead of failing: count the separators first.
@@ -372,7 +374,7 @@ _JSON_SHAPE = 'expected a JSON array of numbers or an object {"x": [numbers], "k
 def _json_blocks(lines: _Lines, input_dim: int) -> tuple[list[_Block], list[DeadLetter], int]:
     """(blocks by key, dead letters, number of lines that were JSON at all)."""
     stripped = [text.strip() for text in lines.texts]
-    if all(text[:1] == "[" and text[-1:] == "]" for text in stripped):
+    if stripped and all(text[:1] == "[" and text[-1:] == "]" for text in stripped):
         # Plain arrays of numbers, no keys: the bracketless lines are CSV, read in C.
         values = _parse_number_lines([text[1:-1] for text in stripped])
         if values is not None and len(set(lines.keys)) == 1:
