@@ -381,5 +381,10 @@ def _describe_config(config: vae.VAEConfig) -> str:
     return (
         f"{config.input_dim}-{config.hidden_dim}-{config.latent_dim} {config.likelihood} VAE "
         f"(M={config.batch_size}, L={config.samples_per_example}, {config.estimator}, "
-        f"Adagrad {config.learning_rate})"
+        f"{config.optimizer} {config.learning_rate}"
+        + (
+            f", half-life {config.accumulator_half_life_examples:g} examples)"
+            if config.accumulator_half_life_examples
+            else ")"
+        )
     )
