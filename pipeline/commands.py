@@ -287,11 +287,7 @@ def bench(args: argparse.Namespace) -> int:
             reference_command=args.reference_command,
         )
     elif args.bench == "pipeline":
-        dataset = load_data(args)
-        try:
-            config = model_config(args, dataset.input_dim, dataset.likelihood)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        dataset, config = _dataset_and_config(args)
         result = benchmarks.pipeline_throughput(
             dataset,
             config,
@@ -307,11 +303,7 @@ def bench(args: argparse.Namespace) -> int:
             ],
         )
     elif args.bench == "memory":
-        dataset = load_data(args)
-        try:
-            config = model_config(args, dataset.input_dim, dataset.likelihood)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        dataset, config = _dataset_and_config(args)
         result = benchmarks.memory_growth(
             dataset,
             config,
@@ -341,14 +333,10 @@ def _drift_benchmark(args: argparse.Namespace) -> dict:
     unknown = set(policies) - set(drift_bench.POLICIES) | set(names) - set(SCENARIOS)
     if unknown:
         raise UsageError(f"unknown policies or scenarios: {', '.join(sorted(unknown))}")
-    dataset = load_data(args)
+    args.adaptation = "none"  # each policy sets its own optimiser
+    dataset, config = _dataset_and_config(args)
     if dataset.train_labels is None:
         raise UsageError(f"the drift benchmark needs a labelled data set, not {dataset.name}")
-    args.adaptation = "none"  # each policy sets its own optimiser
-    try:
-        config = model_config(args, dataset.input_dim, dataset.likelihood)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
     result = drift_bench.drift_benchmark(
         dataset,
         config,
@@ -367,6 +355,14 @@ def _drift_benchmark(args: argparse.Namespace) -> dict:
             path = drift_benchmark_figure(runs, change, output / f"drift-{name}.png", name)
             logger.info("wrote %s", path)
     return result
+
+
+def _dataset_and_config(args: argparse.Namespace) -> tuple[Dataset, vae.VAEConfig]:
+    dataset = load_data(args)
+    try:
+        return dataset, model_config(args, dataset.input_dim, dataset.likelihood)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def load_data(args: argparse.Namespace) -> Dataset:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import pathlib
-import signal
 import uuid
 
 import apache_beam as beam
@@ -178,15 +177,10 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     pipeline = beam.Pipeline(options=options)
     job = build_training_pipeline(pipeline, aevb_options)
 
-    def drain(signum, frame) -> None:
-        logger.info("stop requested: draining (Ctrl-C again to stop at once)")
-        lifecycle.request_stop(job.job_id)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with lifecycle.drain_on_interrupt(job.job_id):
+            result = pipeline.run()
+            result.wait_until_finish()
         return result
     except KeyboardInterrupt:
         logger.info("stopped at once")
@@ -199,6 +193,3 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
             logger.info("wrote final checkpoints and snapshots of %d models", closed)
         if export is not None:
             export.close()  # after the final snapshots: the last push includes them
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        lifecycle.clear(job.job_id)

@@ -18,7 +18,13 @@ False
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
 import threading
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _stopped: set[str] = set()
@@ -37,3 +43,22 @@ def stop_requested(job_id: str) -> bool:
 def clear(job_id: str) -> None:
     with _lock:
         _stopped.discard(job_id)
+
+
+@contextlib.contextmanager
+def drain_on_interrupt(job_id: str) -> Iterator[None]:
+    """Within it, the first Ctrl-C or SIGTERM requests a stop of `job_id` (a drain); a
+    second Ctrl-C raises KeyboardInterrupt as usual. Main thread only, as signals are."""
+
+    def drain(signum, frame) -> None:
+        logger.info("stop requested: draining (Ctrl-C again to stop at once)")
+        request_stop(job_id)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        clear(job_id)

@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import pathlib
-import signal
 import socket
 import threading
 import time
@@ -641,23 +640,14 @@ def run_scoring(options: PipelineOptions) -> beam.runners.runner.PipelineResult 
     pipeline = beam.Pipeline(options=options)
     job = build_scoring_pipeline(pipeline, options)
 
-    def drain(signum, frame) -> None:
-        logger.info("stop requested: draining (Ctrl-C again to stop at once)")
-        lifecycle.request_stop(job.job_id)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with lifecycle.drain_on_interrupt(job.job_id):
+            result = pipeline.run()
+            result.wait_until_finish()
         return result
     except KeyboardInterrupt:
         logger.info("stopped at once")
         return None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        lifecycle.clear(job.job_id)
 
 
 def read_scores(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
