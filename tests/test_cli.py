@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from shared_data import SHARED, needs_data
 
 import vae
 from pipeline import cli
@@ -23,25 +24,8 @@ from pipeline.datasets import load_dataset
 from pipeline.progress import read_progress
 from pipeline.snapshots import read_metadata, version_directories
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 AEVB = pathlib.Path(sys.executable).parent / "aevb"  # the console script of this venv
 
-
-def _shared_data_dir() -> pathlib.Path | None:
-    # As in tests/test_datasets.py: $AEVB_DATA_DIR (CI sets it relative to the checkout),
-    # else ../shared/data beside the checkout.
-    env = os.environ.get("AEVB_DATA_DIR")
-    if env:
-        return pathlib.Path(env).resolve()
-    candidate = REPO.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
-
-
-SHARED = _shared_data_dir()
-needs_data = pytest.mark.skipif(
-    SHARED is None,
-    reason="real data not found: AEVB_DATA_DIR is unset and ../shared/data is absent",
-)
 
 # The bound of an untrained 784-d Bernoulli model (all pixel probabilities near 1/2) is about
 # -784 log 2 = -543 nats; the paper's 784-500-20 model passes -150 nats after many epochs.

@@ -5,7 +5,6 @@ import gzip
 import hashlib
 import io
 import logging
-import os
 import pathlib
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.io
+from shared_data import SHARED, needs_data
 
 from pipeline import datasets
 from pipeline.datasets import (
@@ -27,20 +27,6 @@ from pipeline.datasets import (
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _shared_data_dir() -> pathlib.Path | None:
-    env = os.environ.get("AEVB_DATA_DIR")
-    if env:
-        return pathlib.Path(env).resolve()  # CI sets it relative to the checkout
-    candidate = REPO.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
-
-
-SHARED = _shared_data_dir()
-needs_data = pytest.mark.skipif(
-    SHARED is None,
-    reason="real data not found: AEVB_DATA_DIR is unset and ../shared/data is absent",
-)
 
 MNIST_FILES = (
     "mnist/train-images-idx3-ubyte.gz",

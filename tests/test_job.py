@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
+from shared_data import SHARED, needs_data
 
 import vae
 from pipeline import job as job_module
@@ -33,28 +34,10 @@ from pipeline.options import AEVBOptions, model_config
 from pipeline.progress import read_progress
 from pipeline.snapshots import read_metadata, version_directories
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 AEVB = pathlib.Path(sys.executable).parent / "aevb"  # the console script of this venv
 D = 8
 TINY = ["--hidden=8", "--latent-dim=2", "--batch-size=4"]
 FILES_INPUT = [f"--input-dim={D}", "--likelihood=bernoulli"]
-
-
-def _shared_data_dir() -> pathlib.Path | None:
-    # As in tests/test_datasets.py: $AEVB_DATA_DIR (CI sets it relative to the checkout),
-    # else ../shared/data beside the checkout.
-    env = os.environ.get("AEVB_DATA_DIR")
-    if env:
-        return pathlib.Path(env).resolve()
-    candidate = REPO.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
-
-
-SHARED = _shared_data_dir()
-needs_data = pytest.mark.skipif(
-    SHARED is None,
-    reason="real data not found: AEVB_DATA_DIR is unset and ../shared/data is absent",
-)
 
 
 # --- helpers --------------------------------------------------------------------------------
