@@ -226,11 +226,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "dataset": dataset.name,
         "split": args.split,
     }
-    if args.json:
-        print_json(report)
-    else:
-        for name, value in report.items():
-            print(f"{name:32s} {value}")
+    print_result(report, args.json)
     return 0
 
 
@@ -315,11 +311,7 @@ def bench(args: argparse.Namespace) -> int:
         result = _drift_benchmark(args)
     else:
         raise UsageError(f"unknown benchmark {args.bench!r}")
-    if args.json:
-        print_json(result)
-    else:
-        for name, value in result.items():
-            print(f"{name:32s} {value}")
+    print_result(result, args.json)
     return 0
 
 
@@ -355,6 +347,15 @@ def _drift_benchmark(args: argparse.Namespace) -> dict:
             path = drift_benchmark_figure(runs, change, output / f"drift-{name}.png", name)
             logger.info("wrote %s", path)
     return result
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    """One JSON object (--json) or one aligned `name value` line per field."""
+    if as_json:
+        print_json(result)
+        return
+    for name, value in result.items():
+        print(f"{name:32s} {value}")
 
 
 def _dataset_and_config(args: argparse.Namespace) -> tuple[Dataset, vae.VAEConfig]:
