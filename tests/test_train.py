@@ -358,7 +358,8 @@ def test_training_on_structured_data_raises_the_bound() -> None:
     assert held_out_bound().mean() == pytest.approx(independent_bits, abs=0.1)
     online = [trainer.train_step(train[i * 20 : (i + 1) * 20]).elbo.mean() for i in range(steps)]
     assert trainer.step == steps and trainer.skipped_steps == 0
-    assert np.mean(online[:5]) == pytest.approx(independent_bits, abs=0.2)
+    # The first estimate is measured before any update, so it is the initial model's bound.
+    assert online[0] == pytest.approx(independent_bits, abs=0.1)
 
     final = held_out_bound()
     assert final.mean() > threshold

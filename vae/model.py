@@ -110,7 +110,7 @@ class VAE(tf.Module):
         x = tf.convert_to_tensor(x, tf.float32)
         samples = self.config.samples_per_example
         q = self.posterior(x)
-        z = q.sample(samples, seed=seed)  # [L, B, J]
+        z = reparameterized_sample(q, samples, seed)  # [L, B, J]
         batch = tf.shape(x)[0]
         # One [L*B, J] matmul is faster than a batched one and the same for L = 1.
         flat_z = tf.reshape(z, [-1, self.config.latent_dim])
@@ -131,7 +131,7 @@ class VAE(tf.Module):
         """
         x = tf.convert_to_tensor(x, tf.float32)
         q = self.posterior(x)
-        z = q.sample(samples, seed=seed)  # [K, B, J]
+        z = reparameterized_sample(q, samples, seed)  # [K, B, J]
         batch = tf.shape(x)[0]
         flat_z = tf.reshape(z, [-1, self.config.latent_dim])
         log_px = tf.reshape(
@@ -142,6 +142,21 @@ class VAE(tf.Module):
     def prior_log_density(self) -> tf.Tensor:
         """log p(theta) under the MAP prior N(0, I), without its constant."""
         return -0.5 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.trainable_variables])
+
+
+def reparameterized_sample(
+    q: tfd.MultivariateNormalDiag, samples: int, seed: tf.Tensor | list[int]
+) -> tf.Tensor:
+    """z = mean + stddev * eps with eps ~ N(0, I): `samples` draws from q, [samples, B, J].
+
+    Distributed as `q.sample(samples, seed)`, but with the Philox generator named: left to
+    choose, XLA on CPU takes one whose compiled code spent ~0.25 ms of a ~4 ms training step
+    drawing the 2,000 numbers of a minibatch.
+    """
+    mean = q.mean()
+    shape = tf.concat([[samples], tf.shape(mean)], axis=0)
+    noise = tf.random.stateless_normal(shape, seed, alg="philox")
+    return mean + q.stddev() * noise
 
 
 def parameter_count(config: VAEConfig) -> int:
@@ -169,4 +184,10 @@ def train_flops_per_example(config: VAEConfig) -> float:
     return 2.0 * (encoder + decoder)
 
 
-__all__ = ["VAE", "BoundParts", "parameter_count", "train_flops_per_example"]
+__all__ = [
+    "VAE",
+    "BoundParts",
+    "parameter_count",
+    "reparameterized_sample",
+    "train_flops_per_example",
+]

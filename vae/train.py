@@ -60,7 +60,7 @@ class Trainer(tf.Module):
             self._skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
             self.rng = tf.random.Generator.from_seed(config.seed)
         self._full_count: tf.Tensor | None = None
-        self._compiled_step = tf.function(
+        self._step_function = tf.function(
             self._train_step,
             input_signature=[
                 tf.TensorSpec([None, config.input_dim], tf.float32),
@@ -68,6 +68,7 @@ class Trainer(tf.Module):
             ],
             jit_compile=True,
         )
+        self._traced_step: tf.types.experimental.ConcreteFunction | None = None
 
     @property
     def step(self) -> int:
@@ -110,8 +111,13 @@ class Trainer(tf.Module):
             padded = np.zeros((self.config.batch_size, self.config.input_dim), np.float32)
             padded[:count] = batch
             batch = padded
+        if self._traced_step is None:
+            # Calling the traced function itself skips tf.function's matching of the arguments
+            # (and of the two dozen captured variables) on every call: measured ~0.4 ms, a
+            # tenth of a step of the paper's model.
+            self._traced_step = self._step_function.get_concrete_function()
         # One [4, B] result, one copy to NumPy: every fetch costs as much as ~1% of a step.
-        parts = self._compiled_step(tf.convert_to_tensor(batch), self._count(count)).numpy()
+        parts = self._traced_step(tf.constant(batch), self._count(count)).numpy()
         return StepResult(parts[0, :count], parts[1, :count], parts[2, :count], bool(parts[3, 0]))
 
     def _count(self, count: int) -> tf.Tensor:
