@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("--policies", default="none,reset,decay,rmsprop,adam")
     drift.add_argument("--scenarios", default="class-incremental,gradual,abrupt,recurring")
     drift.add_argument("--plot-dir", type=pathlib.Path, help="write one PNG per scenario here")
+    drift.add_argument(
+        "--curves",
+        type=pathlib.Path,
+        help="write every run's per-minibatch bounds and detections here (.npz), "
+        "the stationary runs included, to re-analyse without training again",
+    )
     drift.add_argument("--json", action="store_true")
     return parser
 

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import pathlib
 
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import vae
@@ -341,11 +342,21 @@ def _drift_benchmark(args: argparse.Namespace) -> dict:
     curves = result.pop("_curves")
     if args.plot_dir is not None:
         output = writable_directory(args.plot_dir, "--plot-dir")
+        # From half a phase before the first change: the first 10^6 examples would squeeze it.
+        shown_from = args.stationary_examples - args.phase_examples // 2
         for name in names:
-            runs = {policy: curves[(name, policy)] for policy in policies}
+            runs = {policy: curves[(name, policy)].since(shown_from) for policy in policies}
             change = next(r["change_examples"] for r in result["results"] if r["scenario"] == name)
             path = drift_benchmark_figure(runs, change, output / f"drift-{name}.png", name)
             logger.info("wrote %s", path)
+    if args.curves is not None:
+        arrays = {}
+        for (name, policy), run in curves.items():
+            arrays[f"{name}/{policy}/positions"] = run.positions
+            arrays[f"{name}/{policy}/bounds"] = run.bounds
+            arrays[f"{name}/{policy}/detections"] = np.asarray(run.detections, np.int64)
+        np.savez_compressed(args.curves, **arrays)
+        logger.info("wrote %s", args.curves)
     return result
 
 

@@ -1,12 +1,23 @@
 """`aevb bench drift`: detection, recovery and forgetting on non-stationary streams.
 
-Every scenario x adaptation policy trains a fresh model on the same stream (test-then-train,
-the paper's model and minibatches) with the job's drift detector watching the bound:
+Every adaptation policy first learns a stationary MNIST stream of `stationary_examples`
+(test-then-train, the paper's model and minibatches, the job's drift detector watching the
+bound): its detections are the false alarms. Each MNIST scenario then continues a copy of
+that learner -- model, optimiser state and detector -- where the stationary stream ends, so
+its change comes late (after 10^6 examples by default), when the paper's Adagrad has
+already slowed down; `class-incremental` learns digits 0-4 for as long, then 5-9:
+
+- `abrupt`: inverted MNIST for `phase_examples` after the change;
+- `recurring`: the same, then plain MNIST again for `phase_examples`; its change is the
+  return, which the model has seen before;
+- `gradual`: images rotated by an angle growing from 0 to 90 degrees over half a phase,
+  then staying there for the other half.
+
+Per scenario x policy:
 
 - `detection_delay_examples`: from the true change to the first detection after it (None
   when nothing was detected before the stream ended);
-- `false_alarms_per_million`: detections on a stationary stream (MNIST replayed) of
-  `stationary_examples`, scaled to 10^6 examples;
+- `false_alarms_per_million`: the policy's detections on the stationary stream, per 10^6;
 - `recovery_examples`: examples after the change until the test-then-train bound, as a
   moving average over RECOVERY_WINDOW examples (placed at the window's middle, and only
   windows wholly after the change), is back within RECOVERY_NATS of the level the same
@@ -14,14 +25,16 @@ the paper's model and minibatches) with the job's drift detector watching the bo
 - `forgetting_nats`: the bound on the first phase's held-out data at the end of that
   phase minus the same at the end of the run (positive: the model forgot).
 
-Policies: `none` (the paper's Adagrad), `reset` (Adagrad's accumulators zeroed at each
+Policies: `none` (the paper's Adagrad), `reset` (Adagrad's accumulators reset at each
 detection), `decay` (Adagrad forgetting its accumulators with a half-life), and RMSProp and
 Adam as baselines.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,14 +45,16 @@ import vae
 from pipeline import scenarios
 from pipeline.datasets import Dataset
 from pipeline.drift import DriftMonitor, DriftSettings
+from pipeline.options import DEFAULT_HALF_LIFE_EXAMPLES
 
 POLICIES: tuple[str, ...] = ("none", "reset", "decay", "rmsprop", "adam")
+SCENARIO_NAMES: tuple[str, ...] = ("class-incremental", "gradual", "abrupt", "recurring")
 RECOVERY_NATS = 5.0
 RECOVERY_WINDOW = 2_000
-DEFAULT_HALF_LIFE_EXAMPLES = 50_000
 # Adaptive-moment methods need smaller steps than Adagrad's 0.02 (their usual defaults).
 BASELINE_LEARNING_RATE = 1e-3
 HELD_OUT_EXAMPLES = 2_000
+CHUNK_EXAMPLES = 1_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +66,67 @@ class StreamRun:
     detections: list[int]
     first_phase_bound_at_change: float | None
     first_phase_bound_at_end: float | None
+    detectors: tuple[str, ...] = ()  # which detector made each detection
+
+    def since(self, position: int) -> StreamRun:
+        """The same run from `position` on (for plotting around a late change)."""
+        keep = self.positions > position
+        return dataclasses.replace(self, positions=self.positions[keep], bounds=self.bounds[keep])
+
+
+class _Learner:
+    """A trainer and the drift monitor watching it, with everything it has measured."""
+
+    def __init__(self, config: vae.VAEConfig, drift: DriftSettings, reset_on_drift: bool):
+        self.trainer = vae.Trainer(config)
+        self.monitor = DriftMonitor(drift)
+        self.reset_on_drift = reset_on_drift
+        self.positions: list[int] = []
+        self.bounds: list[float] = []
+        self.detections: list[tuple[int, str]] = []
+
+    def learn(self, stream: scenarios.Scenario, stop: int) -> None:
+        """Trains on `stream` from where this learner is up to example `stop`."""
+        batch = self.trainer.config.batch_size
+        for start in range(self.trainer.examples_seen, stop, CHUNK_EXAMPLES):
+            rows = stream.examples(start, min(CHUNK_EXAMPLES, stop - start))
+            for first in range(0, len(rows), batch):
+                result = self.trainer.train_step(rows[first : first + batch])
+                bound = float(result.elbo.mean())
+                seen = self.trainer.examples_seen
+                self.positions.append(seen)
+                self.bounds.append(bound)
+                detection = result.applied and self.monitor.update(-bound, seen)
+                if detection:
+                    self.detections.append((seen, detection.detector))
+                    if self.reset_on_drift:
+                        self.trainer.reset_optimizer()
+
+    def fork(self) -> _Learner:
+        """An independent copy that continues exactly as this one would."""
+        twin = copy.copy(self)
+        config = self.trainer.config
+        with tempfile.TemporaryDirectory() as folder:
+            path = self.trainer.checkpoint().write(f"{folder}/state")
+            twin.trainer = vae.Trainer(config)
+            twin.trainer.checkpoint().read(path).assert_consumed()
+        twin.monitor = copy.deepcopy(self.monitor)
+        twin.positions, twin.bounds = list(self.positions), list(self.bounds)
+        twin.detections = list(self.detections)
+        return twin
+
+    def held_out_bound(self, data: np.ndarray) -> float:
+        return vae.evaluate(self.trainer.model, data).elbo
+
+    def run(self, bound_at_change: float | None, held_out: np.ndarray | None) -> StreamRun:
+        return StreamRun(
+            np.asarray(self.positions),
+            np.asarray(self.bounds),
+            [seen for seen, _ in self.detections],
+            bound_at_change,
+            self.held_out_bound(held_out) if held_out is not None else None,
+            tuple(detector for _, detector in self.detections),
+        )
 
 
 def policy_config(
@@ -63,76 +139,6 @@ def policy_config(
     if policy in ("rmsprop", "adam"):
         return dataclasses.replace(base, optimizer=policy, learning_rate=BASELINE_LEARNING_RATE)
     raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
-
-
-def build_scenarios(
-    mnist: Dataset, phase_examples: int, seed: int = 0
-) -> dict[str, tuple[scenarios.Scenario, int, int]]:
-    """name -> (scenario, true change point, total examples), all from MNIST."""
-    held_out = mnist.test[:HELD_OUT_EXAMPLES]
-    labels_out = mnist.test_labels[:HELD_OUT_EXAMPLES]
-    pools = {"mnist": mnist.train, "inverted-mnist": scenarios.invert(mnist.train)}
-    test_pools = {"mnist": held_out, "inverted-mnist": scenarios.invert(held_out)}
-    p = phase_examples
-    return {
-        "class-incremental": (
-            scenarios.class_incremental(
-                mnist.train, mnist.train_labels, "0-4,5-9", p, seed, held_out, labels_out
-            ),
-            p,
-            2 * p,
-        ),
-        "gradual": (
-            scenarios.gradual_rotation(
-                mnist.train,
-                mnist.image_shape,
-                start=p,
-                span=p // 2,
-                seed=seed,
-                test_images=held_out,
-            ),
-            p,
-            2 * p,
-        ),
-        "abrupt": (scenarios.abrupt(pools, p, seed, test_pools), p, 2 * p),
-        "recurring": (scenarios.abrupt(pools, p, seed, test_pools, cycle=True), p, 3 * p),
-    }
-
-
-def run_stream(
-    scenario: scenarios.Scenario,
-    total: int,
-    change: int | None,
-    config: vae.VAEConfig,
-    drift: DriftSettings,
-    reset_on_drift: bool,
-) -> StreamRun:
-    trainer = vae.Trainer(config)
-    monitor = DriftMonitor(drift)
-    held_out = scenario.test_data(0)
-    positions, bounds, detections = [], [], []
-    bound_at_change = None
-    chunk = 10 * config.batch_size
-    for start in range(0, total, chunk):
-        rows = scenario.examples(start, min(chunk, total - start))
-        for first in range(0, len(rows), config.batch_size):
-            if change is not None and bound_at_change is None and trainer.examples_seen >= change:
-                bound_at_change = _held_out_bound(trainer, held_out)
-            result = trainer.train_step(rows[first : first + config.batch_size])
-            bound = float(result.elbo.mean())
-            positions.append(trainer.examples_seen)
-            bounds.append(bound)
-            if result.applied and monitor.update(-bound, trainer.examples_seen):
-                detections.append(trainer.examples_seen)
-                if reset_on_drift:
-                    trainer.reset_optimizer()
-    return StreamRun(
-        np.asarray(positions),
-        np.asarray(bounds),
-        detections,
-        bound_at_change,
-        _held_out_bound(trainer, held_out) if change is not None else None,
-    )
 
 
 def recovery_examples(run: StreamRun, change: int, phase_end: int) -> int | None:
@@ -164,19 +170,58 @@ def drift_benchmark(
     drift: DriftSettings = DriftSettings(),
     half_life: float = DEFAULT_HALF_LIFE_EXAMPLES,
 ) -> dict[str, Any]:
-    streams = build_scenarios(mnist, phase_examples, base.seed)
-    stationary = scenarios.abrupt({"mnist": mnist.train}, stationary_examples, base.seed)
-    rows, curves = [], {}
+    """Runs every policy on the stationary stream and every scenario; one row per pair."""
+    names = [n for n in SCENARIO_NAMES if not scenario_names or n in scenario_names]
+    seed, change, p = base.seed, stationary_examples, phase_examples
+    held_out = mnist.test[:HELD_OUT_EXAMPLES]
+    pools = {"mnist": mnist.train, "inverted-mnist": scenarios.invert(mnist.train)}
+    # The first phase of every MNIST scenario is this stream's [0, change): one draw order.
+    stationary = scenarios.abrupt({"mnist": mnist.train}, change, seed)
+    inverted_after = scenarios.abrupt(pools, change, seed)
+    rotating_after = scenarios.gradual_rotation(
+        mnist.train, mnist.image_shape, start=change, span=p // 2, seed=seed
+    )
+    test_labels = mnist.test_labels[:HELD_OUT_EXAMPLES]
+    classes = scenarios.class_incremental(
+        mnist.train, mnist.train_labels, "0-4,5-9", change, seed, held_out, test_labels
+    )
+    rows, curves, stationary_detections = [], {}, {}
     started = time.perf_counter()
     for policy in policies:
         config = policy_config(policy, base, half_life)
-        calm = run_stream(stationary, stationary_examples, None, config, drift, policy == "reset")
-        false_alarms = len(calm.detections) * 1e6 / stationary_examples
-        for name, (scenario, change, total) in streams.items():
-            if scenario_names and name not in scenario_names:
-                continue
-            run = run_stream(scenario, total, change, config, drift, policy == "reset")
-            after = [d for d in run.detections if d > change]
+        learner = _Learner(config, drift, reset_on_drift=policy == "reset")
+        learner.learn(stationary, change)
+        stationary_detections[policy] = [
+            {"examples": seen, "detector": detector} for seen, detector in learner.detections
+        ]
+        false_alarms = len(learner.detections) * 1e6 / change
+        at_change = learner.held_out_bound(held_out)
+        runs: dict[str, tuple[_Learner, int, int, float | None, np.ndarray | None]] = {}
+        if "class-incremental" in names:
+            digits = _Learner(config, drift, reset_on_drift=policy == "reset")
+            digits.learn(classes, change)
+            first_digits = classes.test_data(0)
+            digits_at_change = digits.held_out_bound(first_digits)
+            digits.learn(classes, change + p)
+            runs["class-incremental"] = (digits, change, change + p, digits_at_change, first_digits)
+        if "gradual" in names:
+            rotated = learner.fork()
+            rotated.learn(rotating_after, change + p)
+            runs["gradual"] = (rotated, change, change + p, at_change, held_out)
+        if "abrupt" in names or "recurring" in names:
+            inverted = learner.fork()
+            inverted.learn(inverted_after, change + p)
+            if "recurring" in names:
+                returned = inverted.fork()
+                # Plain MNIST again: the stationary stream goes on past its first phase.
+                returned.learn(stationary, change + 2 * p)
+                runs["recurring"] = (returned, change + p, change + 2 * p, at_change, held_out)
+            if "abrupt" in names:
+                runs["abrupt"] = (inverted, change, change + p, at_change, held_out)
+        for name in names:
+            run_learner, true_change, end, bound_at_change, first_phase = runs[name]
+            run = run_learner.run(bound_at_change, first_phase)
+            after = [d for d in run.detections if d > true_change]
             forgetting = None
             if run.first_phase_bound_at_change is not None:
                 forgetting = run.first_phase_bound_at_change - run.first_phase_bound_at_end
@@ -184,16 +229,17 @@ def drift_benchmark(
                 {
                     "scenario": name,
                     "policy": policy,
-                    "change_examples": change,
-                    "detection_delay_examples": after[0] - change if after else None,
+                    "change_examples": true_change,
+                    "detection_delay_examples": after[0] - true_change if after else None,
                     "detections": run.detections,
                     "false_alarms_per_million": false_alarms,
-                    "recovery_examples": recovery_examples(run, change, change + phase_examples),
+                    "recovery_examples": recovery_examples(run, true_change, end),
                     "forgetting_nats": forgetting,
                     "final_bound": float(run.bounds[-RECOVERY_WINDOW // base.batch_size :].mean()),
                 }
             )
             curves[(name, policy)] = run
+        curves[("stationary", policy)] = learner.run(None, None)
     return {
         "benchmark": "drift",
         "phase_examples": phase_examples,
@@ -205,12 +251,7 @@ def drift_benchmark(
         "drift": dataclasses.asdict(drift),
         "config": base.to_dict(),
         "seconds": time.perf_counter() - started,
+        "stationary_detections": stationary_detections,
         "results": rows,
         "_curves": curves,
     }
-
-
-def _held_out_bound(trainer: vae.Trainer, data: np.ndarray | None) -> float | None:
-    if data is None:
-        return None
-    return vae.evaluate(trainer.model, data).elbo

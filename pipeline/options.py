@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 DEFAULT_RUNNER = "FnApiRunner"
 ADAPTATIONS: tuple[str, ...] = ("none", "reset", "decay", "rmsprop", "adam")
-DEFAULT_HALF_LIFE_EXAMPLES = 50_000.0
+DEFAULT_HALF_LIFE_EXAMPLES = 20_000.0
 # Adaptive-moment methods want smaller steps than Adagrad (their usual defaults).
 DEFAULT_LEARNING_RATES = {"adagrad": 0.02, "rmsprop": 1e-3, "adam": 1e-3}
 DEFAULT_CHUNK_SIZE = 1000
@@ -107,7 +107,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--half-life-examples",
         type=positive_float,
         default=DEFAULT_HALF_LIFE_EXAMPLES,
-        help="half-life of Adagrad's accumulators with --adaptation decay (default 50000)",
+        help="half-life of Adagrad's accumulators with --adaptation decay (default 20000)",
     )
 
 

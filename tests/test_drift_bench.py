@@ -57,23 +57,39 @@ def test_policies_map_to_their_optimisers() -> None:
 @pytest.mark.slow
 def test_abrupt_shift_is_detected_quickly_and_a_stationary_stream_raises_no_alarm() -> None:
     mnist = load_dataset("mnist", fallback="mnist-5k")
+    stationary = 40_000
     result = drift_benchmark(
         mnist,
         vae.VAEConfig(),
         phase_examples=20_000,
-        stationary_examples=40_000,
+        stationary_examples=stationary,
         policies=["none", "reset"],
-        scenario_names=["abrupt"],
+        scenario_names=["abrupt", "recurring"],
     )
-    rows = {row["policy"]: row for row in result["results"]}
-    for row in rows.values():
-        assert row["detection_delay_examples"] is not None
-        assert 0 < row["detection_delay_examples"] <= 2_000
-        assert row["false_alarms_per_million"] == 0
-        assert row["recovery_examples"] is not None
-        # Inverted digits are new to a model of plain ones: its bound on plain test digits
-        # stays far better than on the inverted ones it is now learning, and it changes.
-        assert row["forgetting_nats"] is not None and np.isfinite(row["forgetting_nats"])
-    # `reset` zeroes Adagrad's accumulators at the detection, so the steps right after it
-    # are larger: the model moves further from the first phase, which it forgets more of.
-    assert rows["reset"]["forgetting_nats"] > rows["none"]["forgetting_nats"]
+    rows = {(row["scenario"], row["policy"]): row for row in result["results"]}
+    assert set(rows) == {(s, p) for s in ("abrupt", "recurring") for p in ("none", "reset")}
+    for policy in ("none", "reset"):
+        abrupt = rows["abrupt", policy]
+        assert abrupt["change_examples"] == stationary
+        assert abrupt["detection_delay_examples"] is not None
+        assert 0 < abrupt["detection_delay_examples"] <= 2_000
+        assert abrupt["false_alarms_per_million"] == 0
+        assert result["stationary_detections"][policy] == []
+        assert abrupt["recovery_examples"] is not None
+        # Inverted digits are new to a model of plain ones: its bound on the plain test
+        # digits gets worse while it learns them.
+        assert abrupt["forgetting_nats"] > 0
+        # Plain digits come back: the change is the return, and they are remembered better.
+        recurring = rows["recurring", policy]
+        assert recurring["change_examples"] == stationary + 20_000
+        assert recurring["forgetting_nats"] < abrupt["forgetting_nats"]
+    # Every scenario continues the policy's stationary run: the same model up to the change,
+    # and on to the return for `recurring`, which continues `abrupt`.
+    curves = result["_curves"]
+    for policy in ("none", "reset"):
+        first = curves["stationary", policy]
+        abrupt, recurring = curves["abrupt", policy], curves["recurring", policy]
+        assert first.positions[-1] == stationary
+        np.testing.assert_array_equal(abrupt.bounds[: len(first.bounds)], first.bounds)
+        np.testing.assert_array_equal(recurring.bounds[: len(abrupt.bounds)], abrupt.bounds)
+        assert recurring.positions[-1] == stationary + 40_000
