@@ -13,6 +13,7 @@ from pipeline.drift_bench import (
     RECOVERY_WINDOW,
     StreamRun,
     drift_benchmark,
+    examples_to_level,
     policy_config,
     recovery_examples,
 )
@@ -43,6 +44,26 @@ def test_recovery_is_measured_against_the_level_reached_at_the_end_of_the_phase(
     )
     assert slower > 2.5 * measured
     assert RECOVERY_NATS == 5.0
+
+
+def test_recovery_from_a_gradual_change_counts_from_its_worst_point() -> None:
+    change = 20_000
+    positions = np.arange(100, 80_001, 100)
+    since = (positions - change).astype(float)
+    # Flat at -100, sinking linearly to -140 over 20,000 examples, then back to -110 over
+    # 10,000: at the change itself the bound is still far above the final level.
+    bounds = np.select(
+        [since <= 0, since <= 20_000, since <= 30_000],
+        [-100.0, -100.0 - 40.0 * since / 20_000, -140.0 + 30.0 * (since - 20_000) / 10_000],
+        -110.0,
+    )
+    run = StreamRun(positions, bounds, [], None, None)
+    measured = recovery_examples(run, change, phase_end=80_000)
+    # Within 5 nats of -110 once the climb (3 nats per 1,000) has passed -115: 20,000 + 8,333
+    # examples after the change; -120 is passed at 20,000 + 6,667.
+    assert abs(measured - 28_333) <= 200
+    reference = examples_to_level(run, change, 80_000, level=-120.0)
+    assert abs(reference - 26_667) <= 200
 
 
 def test_policies_map_to_their_optimisers() -> None:

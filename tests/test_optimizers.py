@@ -62,7 +62,7 @@ def test_adam_corrects_the_bias_of_its_moments() -> None:
     np.testing.assert_allclose(weights, theta, rtol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer_type", [Adagrad, RMSProp, Adam])
+@pytest.mark.parametrize("optimizer_type", [RMSProp, Adam])
 def test_reset_makes_the_next_step_a_first_step(optimizer_type) -> None:
     weights = tf.Variable([1.0, -1.0, 0.0])
     optimizer = optimizer_type([weights], learning_rate=0.1)
@@ -75,6 +75,36 @@ def test_reset_makes_the_next_step_a_first_step(optimizer_type) -> None:
     fresh_weights = tf.Variable(start)
     optimizer_type([fresh_weights], learning_rate=0.1).apply_gradients(gradient, batch_size=10)
     np.testing.assert_allclose(weights.numpy(), fresh_weights.numpy(), rtol=1e-6)
+
+
+def test_adagrad_reset_keeps_each_parameters_share_at_the_size_of_fewer_updates() -> None:
+    weights = tf.Variable([1.0, -1.0, 0.0])
+    adagrad = Adagrad([weights], learning_rate=0.1, reset_updates=2)
+    for gradient in GRADIENTS:
+        adagrad.apply_gradients([tf.constant(gradient, tf.float32)], batch_size=10)
+    summed = np.sum(np.square(GRADIENTS), axis=0)
+    assert adagrad.updates_summed.numpy() == len(GRADIENTS)
+    adagrad.reset()
+    # As if two updates of the same average squares had been summed: steps grow back.
+    np.testing.assert_allclose(
+        adagrad.accumulators[0].numpy(), summed * 2 / len(GRADIENTS), rtol=1e-6
+    )
+    assert adagrad.updates_summed.numpy() == 2
+    adagrad.reset()  # already that small: nothing to shrink
+    np.testing.assert_allclose(
+        adagrad.accumulators[0].numpy(), summed * 2 / len(GRADIENTS), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="reset_updates must be at least 1"):
+        Adagrad([weights], learning_rate=0.1, reset_updates=0)
+
+
+def test_adagrad_counts_the_updates_its_accumulators_hold_as_they_forget() -> None:
+    adagrad = Adagrad([tf.Variable([0.0])], learning_rate=0.1, half_life_examples=10.0)
+    for _ in range(3):
+        adagrad.apply_gradients([tf.constant([1.0])], batch_size=10)
+    # Each update's weight halves every 10 examples: 1/4 + 1/2 + 1, like a gradient of 1.
+    assert adagrad.updates_summed.numpy() == pytest.approx(1.75)
+    np.testing.assert_allclose(adagrad.accumulators[0].numpy(), [1.75], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
