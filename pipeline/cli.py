@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_flags(drift.add_argument_group("data"))
     add_model_flags(drift.add_argument_group("model and learning algorithm"))
-    drift.add_argument("--phase-examples", type=positive_int, default=150_000)
+    drift.add_argument("--phase-examples", type=positive_int, default=500_000)
     drift.add_argument("--stationary-examples", type=positive_int, default=1_000_000)
     drift.add_argument("--policies", default="none,reset,decay,rmsprop,adam")
     drift.add_argument("--scenarios", default="class-incremental,gradual,abrupt,recurring")

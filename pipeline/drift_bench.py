@@ -195,7 +195,7 @@ def _level_at_end(run: StreamRun, change: int, phase_end: int) -> float | None:
 def drift_benchmark(
     mnist: Dataset,
     base: vae.VAEConfig,
-    phase_examples: int = 150_000,
+    phase_examples: int = 500_000,
     stationary_examples: int = 1_000_000,
     policies: Sequence[str] = POLICIES,
     scenario_names: Sequence[str] | None = None,

@@ -33,7 +33,8 @@ import tensorflow as tf
 from vae.config import OPTIMIZERS
 
 EPSILON = 1e-10
-# Measured on MNIST after 10^6 examples (docs/benchmarks.md, "Non-stationary streams"):
+# Measured on MNIST after 10^6 examples (docs/benchmarks.md, "Non-stationary streams", the
+# run with 150,000-example phases):
 # reset to 500 updates' worth, the model reached the plain Adagrad's end-of-phase level on
 # new digits in 74k examples instead of 131k, and zeroing ended 38 nats worse on inverted ones.
 RESET_UPDATES = 500
