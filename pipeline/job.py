@@ -178,13 +178,7 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     job = build_training_pipeline(pipeline, aevb_options)
 
     try:
-        with lifecycle.drain_on_interrupt(job.job_id):
-            result = pipeline.run()
-            result.wait_until_finish()
-        return result
-    except KeyboardInterrupt:
-        logger.info("stopped at once")
-        return None
+        return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
     finally:
         # Models trained in this process (the local runners' workers) get their final
         # checkpoint and snapshot here; remote workers checkpoint theirs in DoFn.teardown.

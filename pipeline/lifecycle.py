@@ -23,6 +23,11 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import apache_beam as beam
+    from apache_beam.runners.runner import PipelineResult
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +67,16 @@ def drain_on_interrupt(job_id: str) -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         clear(job_id)
+
+
+def run_draining_on_interrupt(pipeline: beam.Pipeline, job_id: str) -> PipelineResult | None:
+    """Runs a Beam `pipeline` to its end; the first Ctrl-C drains `job_id`, a second one
+    stops at once (then None instead of the pipeline's result)."""
+    try:
+        with drain_on_interrupt(job_id):
+            result = pipeline.run()
+            result.wait_until_finish()
+        return result
+    except KeyboardInterrupt:
+        logger.info("stopped at once")
+        return None

@@ -639,15 +639,7 @@ def run_scoring(options: PipelineOptions) -> beam.runners.runner.PipelineResult 
     """Runs the scoring job until its input ends or Ctrl-C (the first one drains)."""
     pipeline = beam.Pipeline(options=options)
     job = build_scoring_pipeline(pipeline, options)
-
-    try:
-        with lifecycle.drain_on_interrupt(job.job_id):
-            result = pipeline.run()
-            result.wait_until_finish()
-        return result
-    except KeyboardInterrupt:
-        logger.info("stopped at once")
-        return None
+    return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
 
 
 def read_scores(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
