@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+from prototypes import prototype_data, true_log_likelihood
 
 from vae.config import VAEConfig
 from vae.evaluation import (
@@ -17,28 +18,6 @@ from vae.evaluation import (
 from vae.model import VAE
 from vae.train import Trainer
 
-# Four 20-bit prototypes with 5% bit flips (every bit is 1 in exactly two prototypes).
-PROTOTYPES = np.array(
-    [[1] * 10 + [0] * 10, [0] * 10 + [1] * 10, [1, 0] * 10, [0, 1] * 10], dtype=np.float32
-)
-FLIP = 0.05
-
-
-def _prototype_data(rows: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = PROTOTYPES[rng.integers(0, len(PROTOTYPES), rows)]
-    return np.where(rng.random(x.shape) < FLIP, 1 - x, x).astype(np.float32)
-
-
-def _true_log_likelihood(x: np.ndarray) -> np.ndarray:
-    flips = np.abs(x[:, None, :] - PROTOTYPES[None, :, :]).sum(axis=2)
-    d = x.shape[1]
-    log_terms = (
-        -math.log(len(PROTOTYPES)) + flips * math.log(FLIP) + (d - flips) * math.log1p(-FLIP)
-    )
-    peak = log_terms.max(axis=1)
-    return peak + np.log(np.exp(log_terms - peak[:, None]).sum(axis=1))
-
 
 def _standard_error(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(len(values)))
@@ -49,7 +28,7 @@ def trained() -> VAE:
     """A small VAE after a little training, whose posterior is not exact: the bound is loose."""
     config = VAEConfig(input_dim=20, latent_dim=2, hidden_dim=16, batch_size=20, learning_rate=0.1)
     trainer = Trainer(config)
-    data = _prototype_data(300 * 20, seed=1)
+    data = prototype_data(300 * 20, seed=1)
     for start in range(0, len(data), 20):
         trainer.train_step(data[start : start + 20])
     return trainer.model
@@ -57,7 +36,7 @@ def trained() -> VAE:
 
 @pytest.fixture(scope="module")
 def held_out() -> np.ndarray:
-    return _prototype_data(500, seed=2)
+    return prototype_data(500, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +69,7 @@ def _z_free_model() -> tuple[VAE, np.ndarray, np.ndarray]:
         model.decoder_hidden.kernel,
     ):
         variable.assign(tf.zeros_like(variable))
-    x = _prototype_data(5, seed=4)
+    x = prototype_data(5, seed=4)
     hidden = np.tanh(model.decoder_hidden.bias.numpy().astype(np.float64))
     logits = hidden @ model.decoder_output.kernel.numpy() + model.decoder_output.bias.numpy()
     log_p = np.sum(x * -np.logaddexp(0, -logits) + (1 - x) * -np.logaddexp(0, logits), axis=1)
@@ -134,7 +113,7 @@ def test_estimate_cannot_beat_the_data_entropy(
     held_out: np.ndarray, estimates: dict[int, np.ndarray]
 ) -> None:
     # E[IS] <= E log p_model(x) <= E log p_data(x) (Gibbs' inequality on held-out data).
-    excess = estimates[1000] - _true_log_likelihood(held_out)
+    excess = estimates[1000] - true_log_likelihood(held_out)
     assert excess.mean() < 4 * _standard_error(excess)
 
 

@@ -6,36 +6,13 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+from prototypes import FLIP, prototype_data, true_log_likelihood
 
 from vae.config import VAEConfig
 from vae.optimizers import EPSILON, Adagrad
 from vae.train import StepResult, Trainer
 
 TINY = VAEConfig(input_dim=6, latent_dim=2, hidden_dim=8, batch_size=4, learning_rate=0.05)
-
-# Four 20-bit prototypes; every bit is 1 in exactly two of them, so each bit's marginal is 1/2
-# and the best model that ignores the latent variable scores exactly -20 log 2 nats.
-PROTOTYPES = np.array(
-    [[1] * 10 + [0] * 10, [0] * 10 + [1] * 10, [1, 0] * 10, [0, 1] * 10], dtype=np.float32
-)
-FLIP = 0.05
-
-
-def _prototype_data(rows: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = PROTOTYPES[rng.integers(0, len(PROTOTYPES), rows)]
-    return np.where(rng.random(x.shape) < FLIP, 1 - x, x).astype(np.float32)
-
-
-def _true_log_likelihood(x: np.ndarray) -> np.ndarray:
-    """log p(x) under the generating mixture: uniform prototype, independent bit flips."""
-    flips = np.abs(x[:, None, :] - PROTOTYPES[None, :, :]).sum(axis=2)  # [N, 4]
-    d = x.shape[1]
-    log_terms = (
-        -math.log(len(PROTOTYPES)) + flips * math.log(FLIP) + (d - flips) * math.log1p(-FLIP)
-    )
-    peak = log_terms.max(axis=1)
-    return peak + np.log(np.exp(log_terms - peak[:, None]).sum(axis=1))
 
 
 def _batch(rows: int = 4, dim: int = 6, seed: int = 0) -> np.ndarray:
@@ -345,12 +322,12 @@ def test_training_on_structured_data_raises_the_bound() -> None:
     config = VAEConfig(input_dim=20, latent_dim=2, hidden_dim=16, batch_size=20, learning_rate=0.1)
     trainer = Trainer(config)
     steps = 400
-    train = _prototype_data(steps * config.batch_size, seed=1)
-    held_out = _prototype_data(1000, seed=2)
+    train = prototype_data(steps * config.batch_size, seed=1)
+    held_out = prototype_data(1000, seed=2)
     # -E log p(x) of the generating mixture: about log 4 + 20 H(0.05) = 5.36 nats.
-    true_log_likelihood = _true_log_likelihood(held_out)
+    exact = true_log_likelihood(held_out)
     entropy = math.log(4) - 20 * (FLIP * math.log(FLIP) + (1 - FLIP) * math.log1p(-FLIP))
-    assert -true_log_likelihood.mean() == pytest.approx(entropy, abs=0.3)
+    assert -exact.mean() == pytest.approx(entropy, abs=0.3)
     independent_bits = -20 * math.log(2)  # -13.86: the best the decoder can do ignoring z
     # The midpoint between "learned nothing about the prototypes" and "learned everything".
     threshold = 0.5 * (independent_bits - entropy)
@@ -369,5 +346,5 @@ def test_training_on_structured_data_raises_the_bound() -> None:
     assert final.mean() > threshold
     assert np.mean(online[-50:]) > threshold  # the honest test-then-train estimate agrees
     # A lower bound on the model's log-likelihood cannot beat the data's own entropy (Gibbs).
-    gap = final - true_log_likelihood
+    gap = final - exact
     assert gap.mean() < 4 * gap.std(ddof=1) / math.sqrt(len(gap))
