@@ -145,15 +145,23 @@ metrics.count_rejected("shared", "wrong_width", 2)
 """
 
 
-def _run_worker(directory: pathlib.Path, snapshot: float, steps: int, elbo: float) -> None:
+def _python(script: str, *args: object) -> list[str]:
+    """Runs `script` in a fresh interpreter without a multiprocess directory set; its
+    printed words."""
     env = {k: v for k, v in os.environ.items() if k != metrics.MULTIPROC_ENV}
-    subprocess.run(
-        [sys.executable, "-c", _WORKER, str(directory), str(snapshot), str(steps), str(elbo)],
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
         check=True,
         env=env,
         cwd=REPO,
+        capture_output=True,
+        text=True,
         timeout=60,
-    )
+    ).stdout.split()
+
+
+def _run_worker(directory: pathlib.Path, snapshot: float, steps: int, elbo: float) -> None:
+    _python(_WORKER, directory, snapshot, steps, elbo)
 
 
 def test_worker_processes_are_aggregated(tmp_path: pathlib.Path) -> None:
@@ -181,17 +189,7 @@ def test_multiprocess_mode_cannot_be_chosen_after_metrics_exist(tmp_path: pathli
         "import sys; from pipeline import metrics; metrics.families(); "
         "print(metrics.use_multiprocess_dir(sys.argv[1]), metrics.multiprocess_dir())"
     )
-    env = {k: v for k, v in os.environ.items() if k != metrics.MULTIPROC_ENV}
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        check=True,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.split()
-    assert out == ["False", "None"]
+    assert _python(script, tmp_path) == ["False", "None"]
     # Chosen before any metric exists, and again by a second job in the same process.
     script = (
         "import sys; from pipeline import metrics; from prometheus_client import values; "
@@ -199,16 +197,7 @@ def test_multiprocess_mode_cannot_be_chosen_after_metrics_exist(tmp_path: pathli
         "metrics.families(); again = metrics.use_multiprocess_dir(sys.argv[1]); "
         "print(first, again, values.ValueClass is chosen, chosen._multiprocess)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        check=True,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.split()
-    assert out == ["True", "True", "True", "True"]
+    assert _python(script, tmp_path) == ["True", "True", "True", "True"]
 
 
 # --- serving and pushing --------------------------------------------------------------------
