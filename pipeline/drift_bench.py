@@ -144,47 +144,37 @@ def policy_config(
 def recovery_examples(run: StreamRun, change: int, phase_end: int) -> int | None:
     """Examples after `change` until the windowed bound, past its worst level in the phase
     [change, phase_end), is within RECOVERY_NATS of the level at the end of that phase."""
-    smoothed, ends, in_phase = _phase_windows(run, change, phase_end)
-    if not in_phase.any():
+    level = _level_at_end(run, change, phase_end)
+    if level is None:
         return None
-    level = smoothed[in_phase][-1]
-    # "Back" only after the worst point: a gradual change starts at the old level, which a
-    # rule without it would count as recovered at once.
-    worst = np.flatnonzero(in_phase)[np.argmin(smoothed[in_phase])]
-    recovered = in_phase & (np.arange(len(smoothed)) >= worst)
-    recovered &= smoothed >= level - RECOVERY_NATS
-    return _window_middle(run, ends, recovered, change)
+    return examples_to_level(run, change, phase_end, level - RECOVERY_NATS)
 
 
 def examples_to_level(run: StreamRun, change: int, phase_end: int, level: float) -> int | None:
     """Examples after `change` until the windowed bound, past its worst level in the phase,
     reaches `level` (None if it never does before `phase_end`)."""
-    smoothed, ends, in_phase = _phase_windows(run, change, phase_end)
+    smoothed, middles, in_phase = _phase_windows(run, change, phase_end)
     if not in_phase.any():
         return None
+    # "Back" only after the worst point: a gradual change starts at the old level, which a
+    # rule without it would count as reached at once.
     worst = np.flatnonzero(in_phase)[np.argmin(smoothed[in_phase])]
     reached = in_phase & (np.arange(len(smoothed)) >= worst) & (smoothed >= level)
-    return _window_middle(run, ends, reached, change)
+    return int(middles[np.argmax(reached)] - change) if reached.any() else None
 
 
-def _phase_windows(run: StreamRun, change: int, phase_end: int):
-    """The RECOVERY_WINDOW moving average, its windows' ends, and which lie in the phase."""
+def _phase_windows(
+    run: StreamRun, change: int, phase_end: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The RECOVERY_WINDOW moving average, the example each window stands for (its
+    middle), and which windows lie in the phase."""
     batch = int(run.positions[1] - run.positions[0])
     window = max(1, RECOVERY_WINDOW // batch)
     smoothed = np.convolve(run.bounds, np.ones(window) / window, mode="valid")
     ends = run.positions[window - 1 :]
     # Only windows wholly after the change: one straddling it still averages the old level.
     in_phase = (ends - window * batch >= change) & (ends <= phase_end)
-    return smoothed, ends, in_phase
-
-
-def _window_middle(run: StreamRun, ends: np.ndarray, hits: np.ndarray, change: int) -> int | None:
-    if not hits.any():
-        return None
-    batch = int(run.positions[1] - run.positions[0])
-    window = max(1, RECOVERY_WINDOW // batch)
-    # The moment a window stands for is its middle.
-    return int(ends[np.argmax(hits)] - window * batch // 2 - change)
+    return smoothed, ends - window * batch // 2, in_phase
 
 
 def _level_at_end(run: StreamRun, change: int, phase_end: int) -> float | None:
@@ -303,13 +293,10 @@ def _add_examples_to_reference_level(
     """`examples_to_reference_level`: examples after the change until a policy's bound
     reaches the level the paper's Adagrad (`none`) ends the phase at -- how soon it is as
     good as the reference will ever be in that phase (None without a `none` run)."""
+    reference = {r["scenario"]: r["level_at_end_of_phase"] for r in rows if r["policy"] == "none"}
     for row in rows:
-        reference = next(
-            (r for r in rows if r["scenario"] == row["scenario"] and r["policy"] == "none"), None
-        )
+        level = reference.get(row["scenario"])
         key = (row["scenario"], row["policy"])
         row["examples_to_reference_level"] = (
-            examples_to_level(curves[key], *phases[key], reference["level_at_end_of_phase"])
-            if reference is not None and reference["level_at_end_of_phase"] is not None
-            else None
+            None if level is None else examples_to_level(curves[key], *phases[key], level)
         )
