@@ -48,7 +48,6 @@ from pipeline.drift import DriftMonitor, DriftSettings
 from pipeline.options import DEFAULT_HALF_LIFE_EXAMPLES
 
 POLICIES: tuple[str, ...] = ("none", "reset", "decay", "rmsprop", "adam")
-SCENARIO_NAMES: tuple[str, ...] = ("class-incremental", "gradual", "abrupt", "recurring")
 RECOVERY_NATS = 5.0
 RECOVERY_WINDOW = 2_000
 # Adaptive-moment methods need smaller steps than Adagrad's 0.02 (their usual defaults).
@@ -193,7 +192,7 @@ def drift_benchmark(
     half_life: float = DEFAULT_HALF_LIFE_EXAMPLES,
 ) -> dict[str, Any]:
     """Runs every policy on the stationary stream and every scenario; one row per pair."""
-    names = [n for n in SCENARIO_NAMES if not scenario_names or n in scenario_names]
+    names = [n for n in scenarios.SCENARIOS if not scenario_names or n in scenario_names]
     seed, change, p = base.seed, stationary_examples, phase_examples
     held_out = mnist.test[:HELD_OUT_EXAMPLES]
     pools = {"mnist": mnist.train, "inverted-mnist": scenarios.invert(mnist.train)}
