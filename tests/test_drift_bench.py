@@ -3,12 +3,15 @@ stream can show (detection within 2,000 examples of an abrupt shift, no false al
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import vae
 from pipeline.datasets import load_dataset
 from pipeline.drift_bench import (
+    LEVEL_WINDOW,
     RECOVERY_NATS,
     RECOVERY_WINDOW,
     StreamRun,
@@ -44,6 +47,20 @@ def test_recovery_is_measured_against_the_level_reached_at_the_end_of_the_phase(
     )
     assert slower > 2.5 * measured
     assert RECOVERY_NATS == 5.0
+
+
+def test_a_dip_at_the_end_of_the_phase_barely_moves_the_level_recovery_is_measured_to() -> None:
+    change = 20_000
+    steady = synthetic_run(-100.0, dip=50.0, recover_after=10_000, change=change)
+    # Five minibatches 20 nats down at the very end: a 2,000-example level would sink by
+    # 5 nats and call the recovery 1,000 examples early; the LEVEL_WINDOW mean sinks by 1.
+    bounds = steady.bounds.copy()
+    bounds[-5:] -= 20.0
+    dipped = dataclasses.replace(steady, bounds=bounds)
+    assert LEVEL_WINDOW == 10_000
+    without = recovery_examples(steady, change, phase_end=60_000)
+    with_dip = recovery_examples(dipped, change, phase_end=60_000)
+    assert without - 300 <= with_dip < without
 
 
 def test_recovery_from_a_gradual_change_counts_from_its_worst_point() -> None:
