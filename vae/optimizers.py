@@ -11,10 +11,10 @@ its data. Two remedies keep Adagrad's per-parameter scaling:
   coordinate, noise included: measured, it wrecked the model for ~10^4 examples.)
 - `half_life_examples`: exponential forgetting, G <- decay * G + g^2 with
   decay = 0.5 ** (batch / half_life_examples), so a gradient's weight in G halves every
-  `half_life_examples` examples and the step size settles instead of vanishing. Settled
-  steps are large for a sum that forgets slowly: a burst of growing gradients grows the
-  steps with it, and at the paper's learning rate a half-life of 20,000 examples made the
-  bound dip every ~75,000 examples after 1.2*10^6 (measured; 100,000 did not, to 4*10^6).
+  `half_life_examples` examples and the step size settles instead of vanishing. A sum over
+  hundreds of updates barely moves in a burst of growing gradients, so the steps grow with
+  them: at the paper's learning rate a half-life of 20,000 examples made the bound dip every
+  ~75,000 examples after 1.2*10^6 (measured; with 100,000, no dip up to 4*10^6).
 
 RMSProp and Adam are here as the usual baselines for comparison. Every optimiser keeps its
 state in variables tracked by its module, so the state is part of a trainer's checkpoint.
