@@ -166,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(drift.add_argument_group("data"))
     add_model_flags(drift.add_argument_group("model and learning algorithm"))
     drift.add_argument("--phase-examples", type=positive_int, default=500_000)
-    drift.add_argument("--stationary-examples", type=positive_int, default=1_000_000)
+    drift.add_argument(
+        "--stationary-examples",
+        type=positive_int,
+        default=4_000_000,
+        help="examples of the stationary first phase, the false-alarm run; the changes come "
+        "after them (default 4000000, as drift_bench.STATIONARY_EXAMPLES)",
+    )
     drift.add_argument("--policies", default="none,reset,decay,rmsprop,adam")
     drift.add_argument("--scenarios", default="class-incremental,gradual,abrupt,recurring")
     drift.add_argument("--plot-dir", type=pathlib.Path, help="write one PNG per scenario here")

@@ -5,6 +5,7 @@ stderr are the contract; everything else calls `pipeline.cli.main` in-process, w
 the ~5 s TensorFlow import of a subprocess per call.
 """
 
+import inspect
 import json
 import math
 import os
@@ -250,6 +251,18 @@ def test_evaluate_prints_one_json_object(mnist_run: dict, capsys: pytest.Capture
 
 
 # --- bench ---------------------------------------------------------------------------------
+
+
+def test_bench_drift_defaults_are_the_benchmarks_own() -> None:
+    """The parser repeats drift_bench's defaults (importing it would import TensorFlow)."""
+    from pipeline import drift_bench
+
+    args = cli.build_parser().parse_args(["bench", "drift"])
+    assert args.stationary_examples == drift_bench.STATIONARY_EXAMPLES
+    defaults = inspect.signature(drift_bench.drift_benchmark).parameters
+    assert args.stationary_examples == defaults["stationary_examples"].default
+    assert args.phase_examples == defaults["phase_examples"].default
+    assert args.policies.split(",") == list(drift_bench.POLICIES)
 
 
 def test_bench_trainer_json(capsys: pytest.CaptureFixture) -> None:
