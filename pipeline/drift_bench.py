@@ -214,7 +214,7 @@ def drift_benchmark(
     classes = scenarios.class_incremental(
         mnist.train, mnist.train_labels, "0-4,5-9", change, seed, held_out, test_labels
     )
-    rows, curves, phases, stationary_detections = [], {}, {}, {}
+    rows, curves, stationary_detections = [], {}, {}
     started = time.perf_counter()
     for policy in policies:
         config = policy_config(policy, base, half_life)
@@ -272,9 +272,8 @@ def drift_benchmark(
                 }
             )
             curves[(name, policy)] = run
-            phases[(name, policy)] = (true_change, end)
         curves[("stationary", policy)] = learner.run(None, None)
-    _add_examples_to_reference_level(rows, curves, phases)
+    _add_examples_to_reference_level(rows, curves, phase_examples)
     return {
         "benchmark": "drift",
         "phase_examples": phase_examples,
@@ -296,7 +295,7 @@ def drift_benchmark(
 def _add_examples_to_reference_level(
     rows: list[dict[str, Any]],
     curves: dict[tuple[str, str], StreamRun],
-    phases: dict[tuple[str, str], tuple[int, int]],
+    phase_examples: int,
 ) -> None:
     """`examples_to_reference_level`: examples after the change until a policy's bound
     reaches the level the paper's Adagrad (`none`) ends the phase at -- how soon it is as
@@ -304,7 +303,9 @@ def _add_examples_to_reference_level(
     reference = {r["scenario"]: r["level_at_end_of_phase"] for r in rows if r["policy"] == "none"}
     for row in rows:
         level = reference.get(row["scenario"])
-        key = (row["scenario"], row["policy"])
+        run = curves[(row["scenario"], row["policy"])]
+        change = row["change_examples"]
+        end = change + phase_examples
         row["examples_to_reference_level"] = (
-            None if level is None else examples_to_level(curves[key], *phases[key], level)
+            None if level is None else examples_to_level(run, change, end, level)
         )
