@@ -26,9 +26,9 @@ Per scenario x policy:
 - `forgetting_nats`: the bound on the first phase's held-out data at the end of that
   phase minus the same at the end of the run (positive: the model forgot).
 
-Policies: `none` (the paper's Adagrad), `reset` (Adagrad's accumulators shrunk to 500
-updates' worth at each detection), `decay` (Adagrad forgetting its accumulators with a
-half-life), and RMSProp and Adam as baselines.
+Policies: `none` (the paper's Adagrad), `reset` (Adagrad's accumulators restarted at 500
+updates' worth after each detection, at the new data's scale where that is larger), `decay`
+(Adagrad forgetting its accumulators with a half-life), and RMSProp and Adam as baselines.
 """
 
 from __future__ import annotations

@@ -103,8 +103,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         choices=ADAPTATIONS,
         default="none",
         help="how the optimiser follows a drifting stream: none (the paper's Adagrad), reset "
-        "(Adagrad's accumulators zeroed when drift is detected), decay (Adagrad forgetting "
-        "with --half-life-examples), rmsprop or adam (baselines)",
+        "(Adagrad's accumulators restarted at 500 updates' worth when drift is detected), "
+        "decay (Adagrad forgetting with --half-life-examples), rmsprop or adam (baselines)",
     )
     parser.add_argument(
         "--half-life-examples",

@@ -77,7 +77,7 @@ def test_reset_makes_the_next_step_a_first_step(optimizer_type) -> None:
     np.testing.assert_allclose(weights.numpy(), fresh_weights.numpy(), rtol=1e-6)
 
 
-def test_adagrad_reset_keeps_each_parameters_share_at_the_size_of_fewer_updates() -> None:
+def test_adagrad_reset_restarts_at_the_next_update_as_if_fewer_updates_were_summed() -> None:
     weights = tf.Variable([1.0, -1.0, 0.0])
     adagrad = Adagrad([weights], learning_rate=0.1, reset_updates=2)
     for gradient in GRADIENTS:
@@ -85,17 +85,48 @@ def test_adagrad_reset_keeps_each_parameters_share_at_the_size_of_fewer_updates(
     summed = np.sum(np.square(GRADIENTS), axis=0)
     assert adagrad.updates_summed.numpy() == len(GRADIENTS)
     adagrad.reset()
-    # As if two updates of the same average squares had been summed: steps grow back.
+    # Nothing moves until the next update brings a gradient of the new data.
+    np.testing.assert_allclose(adagrad.accumulators[0].numpy(), summed, rtol=1e-6)
+    start, gradient = weights.numpy().copy(), np.array([0.1, 30.0, -1.5])
+    adagrad.apply_gradients([tf.constant(gradient, tf.float32)], batch_size=10)
+    # Two updates at each parameter's larger scale: its mean square or the new square.
+    restarted = 2 * np.maximum(summed / len(GRADIENTS), gradient**2)
+    assert gradient[0] ** 2 < summed[0] / 3 and gradient[1] ** 2 > summed[1] / 3  # both sides
+    np.testing.assert_allclose(adagrad.accumulators[0].numpy(), restarted + gradient**2, rtol=1e-6)
     np.testing.assert_allclose(
-        adagrad.accumulators[0].numpy(), summed * 2 / len(GRADIENTS), rtol=1e-6
+        weights.numpy() - start,
+        -0.1 * gradient / (np.sqrt(restarted + gradient**2) + EPSILON),
+        rtol=1e-5,
     )
-    assert adagrad.updates_summed.numpy() == 2
-    adagrad.reset()  # already that small: nothing to shrink
-    np.testing.assert_allclose(
-        adagrad.accumulators[0].numpy(), summed * 2 / len(GRADIENTS), rtol=1e-6
-    )
+    assert adagrad.updates_summed.numpy() == 3
     with pytest.raises(ValueError, match="reset_updates must be at least 1"):
         Adagrad([weights], learning_rate=0.1, reset_updates=0)
+
+
+def test_adagrad_reset_bounds_the_step_when_the_new_gradients_are_far_larger() -> None:
+    """Inverted digits after plain ones: shrinking the old sums alone would step by ~lr."""
+    weights = tf.Variable(np.zeros(4, np.float32))
+    adagrad = Adagrad([weights], learning_rate=0.1, reset_updates=100)
+    old = tf.constant([0.01, -0.02, 0.01, 0.03])
+    for _ in range(10_000 // 10):
+        adagrad.apply_gradients([old], batch_size=10)
+    adagrad.reset()
+    new = tf.constant([5.0, -3.0, 8.0, 1.0])
+    for _ in range(2):
+        before = weights.numpy().copy()
+        adagrad.apply_gradients([new], batch_size=10)
+    # The second update's accumulator: 100 updates of the new square, plus two of them.
+    np.testing.assert_allclose(np.abs(weights.numpy() - before), 0.1 / np.sqrt(102), rtol=1e-4)
+
+
+def test_a_pending_reset_is_part_of_the_checkpoint(tmp_path) -> None:
+    adagrad = Adagrad([tf.Variable([1.0])], learning_rate=0.1)
+    adagrad.reset()
+    path = tf.train.Checkpoint(optimizer=adagrad).write(str(tmp_path / "state"))
+    restored = Adagrad([tf.Variable([1.0])], learning_rate=0.1)
+    assert not restored.restart_pending.numpy()
+    tf.train.Checkpoint(optimizer=restored).read(path).assert_consumed()
+    assert restored.restart_pending.numpy()
 
 
 def test_adagrad_counts_the_updates_its_accumulators_hold_as_they_forget() -> None:

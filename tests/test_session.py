@@ -14,10 +14,12 @@ import tensorflow as tf
 
 import vae
 from pipeline.checkpoints import CONFIG_FILE, CheckpointStore
+from pipeline.drift import DriftSettings
 from pipeline.progress import ProgressLog, read_progress
 from pipeline.records import TrainingRecord
 from pipeline.session import Cadence, TrainingSession, validate_model_key
 from pipeline.snapshots import read_metadata, version_directories
+from vae.optimizers import RESET_UPDATES
 
 D = 8
 CONFIG = vae.VAEConfig(input_dim=D, latent_dim=2, hidden_dim=8, batch_size=4, seed=5)
@@ -362,3 +364,32 @@ def test_cadence_defaults_and_disabled_triggers() -> None:
         5,
     )
     assert Cadence(snapshot_every_seconds=0.25).snapshot_every_seconds == 0.25
+
+
+def test_a_drift_detection_restarts_adagrad_at_the_next_update(
+    tmp_path: pathlib.Path, fake_save: None
+) -> None:
+    """`--adaptation reset`: the detection marks a restart; the next update, on the new
+    data, shrinks the accumulators to RESET_UPDATES updates' worth."""
+    session = _session(
+        tmp_path,
+        Cadence(),
+        drift=DriftSettings("page-hinkley", threshold=20, delta=1, min_minibatches=5),
+        reset_optimizer_on_drift=True,
+    )
+    optimizer = session.trainer.optimizer
+    rng = np.random.default_rng(7)
+    sparse, dense = ((rng.random((4, D)) < p).astype(np.float32) for p in (0.1, 0.9))
+    for _ in range(RESET_UPDATES + 100):
+        session.train(sparse)
+    assert session.drift_detections == []
+    assert optimizer.updates_summed.numpy() == RESET_UPDATES + 100
+    while not session.drift_detections:
+        session.train(dense)
+        assert session.examples_seen < (RESET_UPDATES + 110) * 4, "no detection"
+    # The step that found the change was a plain Adagrad step; the restart waits for the next.
+    assert optimizer.restart_pending.numpy()
+    assert optimizer.updates_summed.numpy() == session.trainer.step
+    session.train(dense)
+    assert not optimizer.restart_pending.numpy()
+    assert optimizer.updates_summed.numpy() == RESET_UPDATES + 1

@@ -5,10 +5,13 @@ zero (Duchi et al. 2011; the update of `torch.optim.Adagrad` with its defaults).
 only grows, the steps shrink for ever and a model adapts ever more slowly to a change in
 its data. Two remedies keep Adagrad's per-parameter scaling:
 
-- `reset()`: when a drift detector fires, shrink G to the size `reset_updates` updates give
-  it, keeping each parameter's share, so the next steps are as large as those of update
-  `reset_updates` of a fresh run. (Zeroing G would make the next step lr * sign(g) in every
-  coordinate, noise included: measured, it wrecked the model for ~10^4 examples.)
+- `reset()`: when a drift detector fires, restart G at the next update as if only
+  `reset_updates` updates had been summed, G <- n * max(G / N, g^2) for the N updates G
+  holds and n = min(N, reset_updates): the next steps are as large as those of update n of
+  a fresh run at the larger of each parameter's old scale and the new data's. (Zeroing G
+  would make the next step lr * sign(g) in every coordinate, noise included: measured, it
+  wrecked the model for ~10^4 examples. Shrinking G alone, to n * G / N, gave inverted
+  digits, whose gradients dwarf those of plain ones, steps of up to lr.)
 - `half_life_examples`: exponential forgetting, G <- decay * G + g^2 with
   decay = 0.5 ** (batch / half_life_examples), so a gradient's weight in G halves every
   `half_life_examples` examples and the step size settles instead of vanishing. A sum over
@@ -98,18 +101,31 @@ class Adagrad(Optimizer):
         with self.name_scope:
             # How many updates the accumulators hold (fewer when they forget or were reset).
             self.updates_summed = tf.Variable(0.0, trainable=False, name="updates_summed")
+            # Set by `reset`; the next update, the first on the data that set off the
+            # detector, restarts the accumulators.
+            self.restart_pending = tf.Variable(False, trainable=False, name="restart_pending")
 
     def trainable_state(self) -> list[tf.Variable]:
         return self.accumulators
 
     def reset(self) -> None:
-        """Shrinks the accumulators to what `reset_updates` updates would have summed."""
-        factor = tf.minimum(1.0, self.reset_updates / tf.maximum(self.updates_summed, 1.0))
-        for accumulator in self.accumulators:
-            accumulator.assign(accumulator * factor)
-        self.updates_summed.assign(self.updates_summed * factor)
+        """Restarts the accumulators at the next update, from that update's gradients."""
+        self.restart_pending.assign(True)
+
+    def _restart(self, gradients: Sequence[tf.Tensor]) -> None:
+        # What `reset_updates` updates would sum at each parameter's larger scale: its mean
+        # square so far, or its square in this minibatch, the first the reset sees of the new
+        # data. The history alone would give the new data's larger gradients steps of up to lr.
+        updates = tf.minimum(self.updates_summed, float(self.reset_updates))
+        summed = tf.maximum(self.updates_summed, 1.0)
+        for accumulator, gradient in zip(self.accumulators, gradients, strict=True):
+            mean_square = accumulator / summed
+            accumulator.assign(updates * tf.maximum(mean_square, tf.square(gradient)))
+        self.updates_summed.assign(updates)
+        self.restart_pending.assign(False)
 
     def apply_gradients(self, gradients: Sequence[tf.Tensor], batch_size: tf.Tensor = 1) -> None:
+        tf.cond(self.restart_pending, lambda: self._restart(gradients), lambda: None)
         decay = 1.0
         if self.half_life_examples is not None:
             decay = tf.pow(0.5, tf.cast(batch_size, tf.float32) / self.half_life_examples)
