@@ -370,7 +370,7 @@ def test_a_drift_detection_restarts_adagrad_at_the_next_update(
     tmp_path: pathlib.Path, fake_save: None
 ) -> None:
     """`--adaptation reset`: the detection marks a restart; the next update, on the new
-    data, shrinks the accumulators to RESET_UPDATES updates' worth."""
+    data, restarts the accumulators at RESET_UPDATES updates' worth."""
     session = _session(
         tmp_path,
         Cadence(),

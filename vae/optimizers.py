@@ -10,8 +10,9 @@ its data. Two remedies keep Adagrad's per-parameter scaling:
   holds and n = min(N, reset_updates): the next steps are as large as those of update n of
   a fresh run at the larger of each parameter's old scale and the new data's. (Zeroing G
   would make the next step lr * sign(g) in every coordinate, noise included: measured, it
-  wrecked the model for ~10^4 examples. Shrinking G alone, to n * G / N, gave inverted
-  digits, whose gradients dwarf those of plain ones, steps of up to lr.)
+  wrecked the model for ~10^4 examples. Shrinking G alone, to n * G / N, lets the first
+  gradients of data whose gradients dwarf the old ones, such as inverted digits after
+  plain ones, step by up to lr.)
 - `half_life_examples`: exponential forgetting, G <- decay * G + g^2 with
   decay = 0.5 ** (batch / half_life_examples), so a gradient's weight in G halves every
   `half_life_examples` examples and the step size settles instead of vanishing. A sum over
@@ -116,7 +117,7 @@ class Adagrad(Optimizer):
     def _restart(self, gradients: Sequence[tf.Tensor]) -> None:
         # What `reset_updates` updates would sum at each parameter's larger scale: its mean
         # square so far, or its square in this minibatch, the first the reset sees of the new
-        # data. The history alone would give the new data's larger gradients steps of up to lr.
+        # data. With the history alone, the new data's larger gradients could step by up to lr.
         updates = tf.minimum(self.updates_summed, float(self.reset_updates))
         summed = tf.maximum(self.updates_summed, 1.0)
         for accumulator, gradient in zip(self.accumulators, gradients, strict=True):
