@@ -7,7 +7,14 @@ import pytest
 import tensorflow as tf
 
 import vae
-from vae.optimizers import EPSILON, Adagrad, Adam, RMSProp, make_optimizer
+from vae.optimizers import (
+    EPSILON,
+    UPDATE_CLIP_THRESHOLD,
+    Adagrad,
+    Adam,
+    RMSProp,
+    make_optimizer,
+)
 
 GRADIENTS = [np.array([2.0, -4.0, 0.5]), np.array([-1.0, 3.0, 0.25]), np.array([0.5, 0.5, -2.0])]
 
@@ -40,6 +47,31 @@ def test_adagrad_half_life_halves_a_gradients_weight_every_half_life() -> None:
     weights, optimizer = run(Adagrad, learning_rate=0.1, half_life_examples=half_life)
     np.testing.assert_allclose(weights, theta, rtol=1e-6)
     np.testing.assert_allclose(optimizer.accumulators[0].numpy(), accumulator, rtol=1e-6)
+
+
+def test_forgetting_adagrad_clips_the_steps_of_a_burst_as_adafactor_does() -> None:
+    half_life, batch, lr = 1_000.0, 10, 0.1
+    decay = 0.5 ** (batch / half_life)
+    calm = np.array([0.01, -0.02, 0.015, 0.01])
+    burst = np.array([1.0, -0.5, 2.0, 0.0])
+    theta, accumulator, summed = np.zeros(4), np.zeros(4), 0.0
+    weights = tf.Variable(np.zeros(4, np.float32))
+    adagrad = Adagrad([weights], learning_rate=lr, half_life_examples=half_life)
+    relative_rms = {}
+    for t, g in enumerate([calm] * 200 + [burst, calm]):
+        accumulator, summed = decay * accumulator + g**2, decay * summed + 1.0
+        # The step's RMS in units of lr / sqrt(updates summed), capped at 1.
+        relative_rms[t] = np.sqrt(np.mean(g**2 / accumulator) * summed)
+        step = lr / max(1.0, relative_rms[t]) * g / (np.sqrt(accumulator) + EPSILON)
+        theta -= step
+        adagrad.apply_gradients([tf.constant(g, tf.float32)], batch_size=batch)
+        np.testing.assert_allclose(weights.numpy(), theta, rtol=1e-4, atol=1e-7)
+        if t == 200:
+            burst_step = np.sqrt(np.mean(step**2)) * np.sqrt(summed) / lr
+    # Steady gradients are not clipped; the burst would step ~9x further without the clip.
+    assert max(relative_rms[t] for t in range(200)) == pytest.approx(1.0, abs=1e-9)
+    assert relative_rms[200] > 8 and relative_rms[201] < 1
+    assert burst_step == pytest.approx(UPDATE_CLIP_THRESHOLD)
 
 
 def test_rmsprop_follows_its_moving_average() -> None:
