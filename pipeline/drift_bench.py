@@ -28,7 +28,8 @@ Per scenario x policy:
 
 Policies: `none` (the paper's Adagrad), `reset` (Adagrad's accumulators restarted at 500
 updates' worth after each detection, at the new data's scale where that is larger), `decay`
-(Adagrad forgetting its accumulators with a half-life), and RMSProp and Adam as baselines.
+(Adagrad forgetting its accumulators with a half-life, its steps clipped when the gradients
+outgrow them), and RMSProp and Adam as baselines.
 """
 
 from __future__ import annotations
