@@ -28,8 +28,8 @@ Per scenario x policy:
 
 Policies: `none` (the paper's Adagrad), `reset` (Adagrad's accumulators restarted at 500
 updates' worth after each detection, at the new data's scale where that is larger), `decay`
-(Adagrad forgetting its accumulators with a half-life, its steps clipped when the gradients
-outgrow them), and RMSProp and Adam as baselines.
+(Adagrad forgetting its accumulators with a half-life), both with their steps clipped when
+the gradients outgrow the accumulators, and RMSProp and Adam as baselines.
 """
 
 from __future__ import annotations
@@ -139,10 +139,16 @@ class _Learner:
 def policy_config(
     policy: str, base: vae.VAEConfig, half_life: float = DEFAULT_HALF_LIFE_EXAMPLES
 ) -> vae.VAEConfig:
-    if policy in ("none", "reset"):
+    if policy == "none":
         return base
+    if policy == "reset":
+        return dataclasses.replace(base, update_clip_threshold=vae.UPDATE_CLIP_THRESHOLD)
     if policy == "decay":
-        return dataclasses.replace(base, accumulator_half_life_examples=half_life)
+        return dataclasses.replace(
+            base,
+            accumulator_half_life_examples=half_life,
+            update_clip_threshold=vae.UPDATE_CLIP_THRESHOLD,
+        )
     if policy in ("rmsprop", "adam"):
         return dataclasses.replace(base, optimizer=policy, learning_rate=BASELINE_LEARNING_RATE)
     raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")

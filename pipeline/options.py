@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline import drift
 from pipeline.datasets import DATASETS, dataset_shape
 from pipeline.scenarios import SCENARIOS, ScenarioSpec
-from vae.config import LIKELIHOODS, VAEConfig
+from vae.config import LIKELIHOODS, UPDATE_CLIP_THRESHOLD, VAEConfig
 
 if TYPE_CHECKING:
     from pipeline.metrics import MetricsSettings
@@ -104,7 +104,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="how the optimiser follows a drifting stream: none (the paper's Adagrad), reset "
         "(Adagrad's accumulators restarted at 500 updates' worth when drift is detected), "
-        "decay (Adagrad forgetting with --half-life-examples), rmsprop or adam (baselines)",
+        "decay (Adagrad forgetting with --half-life-examples), both with Adafactor's update "
+        "clipping, rmsprop or adam (baselines)",
     )
     parser.add_argument(
         "--half-life-examples",
@@ -361,6 +362,7 @@ def model_config(
         input_dim, likelihood = input_spec(options)
     optimizer = options.adaptation if options.adaptation in ("rmsprop", "adam") else "adagrad"
     half_life = options.half_life_examples if options.adaptation == "decay" else None
+    adapting_adagrad = options.adaptation in ("reset", "decay")
     return VAEConfig(
         input_dim=input_dim,
         latent_dim=options.latent_dim,
@@ -373,6 +375,7 @@ def model_config(
         weight_decay=options.weight_decay,
         optimizer=optimizer,
         accumulator_half_life_examples=half_life,
+        update_clip_threshold=UPDATE_CLIP_THRESHOLD if adapting_adagrad else None,
         seed=options.seed,
     )
 

@@ -12,6 +12,7 @@ import vae
 from pipeline.datasets import load_dataset
 from pipeline.drift_bench import (
     LEVEL_WINDOW,
+    POLICIES,
     RECOVERY_NATS,
     RECOVERY_WINDOW,
     StreamRun,
@@ -20,6 +21,7 @@ from pipeline.drift_bench import (
     policy_config,
     recovery_examples,
 )
+from pipeline.options import AEVBOptions, model_config
 
 
 def synthetic_run(level_before: float, dip: float, recover_after: int, change: int) -> StreamRun:
@@ -83,11 +85,17 @@ def test_recovery_from_a_gradual_change_counts_from_its_worst_point() -> None:
     assert abs(reference - 26_667) <= 200
 
 
-def test_policies_map_to_their_optimisers() -> None:
+def test_policies_map_to_their_optimisers_as_the_jobs_flags_do() -> None:
     base = vae.VAEConfig()
-    assert policy_config("none", base) == base == policy_config("reset", base)
-    assert policy_config("decay", base, half_life=1234).accumulator_half_life_examples == 1234
+    assert policy_config("none", base) == base
+    reset, decay = policy_config("reset", base), policy_config("decay", base, half_life=1234)
+    assert reset == dataclasses.replace(base, update_clip_threshold=vae.UPDATE_CLIP_THRESHOLD)
+    assert decay.accumulator_half_life_examples == 1234
+    assert decay.update_clip_threshold == vae.UPDATE_CLIP_THRESHOLD
     assert policy_config("adam", base).optimizer == "adam"
+    for policy in POLICIES:
+        flags = AEVBOptions([f"--adaptation={policy}", "--half-life-examples=1234"])
+        assert model_config(flags) == policy_config(policy, base, half_life=1234), policy
     with pytest.raises(ValueError, match="unknown policy"):
         policy_config("sgd", base)
 

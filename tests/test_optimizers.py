@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 import vae
+from vae.config import UPDATE_CLIP_THRESHOLD
 from vae.optimizers import (
     EPSILON,
-    UPDATE_CLIP_THRESHOLD,
     Adagrad,
     Adam,
     RMSProp,
@@ -56,7 +56,12 @@ def test_forgetting_adagrad_clips_the_steps_of_a_burst_as_adafactor_does() -> No
     burst = np.array([1.0, -0.5, 2.0, 0.0])
     theta, accumulator, summed = np.zeros(4), np.zeros(4), 0.0
     weights = tf.Variable(np.zeros(4, np.float32))
-    adagrad = Adagrad([weights], learning_rate=lr, half_life_examples=half_life)
+    adagrad = Adagrad(
+        [weights],
+        learning_rate=lr,
+        half_life_examples=half_life,
+        update_clip_threshold=UPDATE_CLIP_THRESHOLD,
+    )
     relative_rms = {}
     for t, g in enumerate([calm] * 200 + [burst, calm]):
         accumulator, summed = decay * accumulator + g**2, decay * summed + 1.0
@@ -151,6 +156,41 @@ def test_adagrad_reset_bounds_the_step_when_the_new_gradients_are_far_larger() -
     np.testing.assert_allclose(np.abs(weights.numpy() - before), 0.1 / np.sqrt(102), rtol=1e-4)
 
 
+def test_a_clipping_adagrad_after_a_restart_clips_growing_gradients_not_the_restart() -> None:
+    """`reset` makes the steps ~sqrt(N / n) times larger; when the new data's gradients then
+    grow, the clip keeps each tensor's step at d * lr / sqrt(updates summed)."""
+    lr, n = 0.1, 100
+    weights = tf.Variable(np.zeros(4, np.float32))
+    adagrad = Adagrad(
+        [weights], learning_rate=lr, update_clip_threshold=UPDATE_CLIP_THRESHOLD, reset_updates=n
+    )
+    old = np.array([0.01, -0.02, 0.01, 0.03])
+    for _ in range(1_000):
+        adagrad.apply_gradients([tf.constant(old, tf.float32)], batch_size=10)
+    adagrad.reset()
+    first = np.array([0.5, -0.3, 0.8, 0.1])
+    accumulator = n * np.maximum(np.square(old), np.square(first)) + first**2
+    before = weights.numpy().copy()
+    adagrad.apply_gradients([tf.constant(first, tf.float32)], batch_size=10)
+    # The restart's own step: its gradient is part of the scale, so it is never clipped.
+    np.testing.assert_allclose(
+        weights.numpy() - before, -lr * first / np.sqrt(accumulator), rtol=1e-4
+    )
+    grown = 20 * first
+    accumulator += grown**2
+    unclipped = lr * grown / np.sqrt(accumulator)
+    before = weights.numpy().copy()
+    adagrad.apply_gradients([tf.constant(grown, tf.float32)], batch_size=10)
+    step = before - weights.numpy()
+    relative_rms = np.sqrt(np.mean(step**2) * (n + 2)) / lr
+    assert np.sqrt(np.mean(unclipped**2) * (n + 2)) / lr > 5  # what the clip prevents
+    assert relative_rms == pytest.approx(UPDATE_CLIP_THRESHOLD, rel=1e-4)
+    # One factor for the whole tensor: the clipped step points where Adagrad's step would.
+    np.testing.assert_allclose(
+        step / np.linalg.norm(step), unclipped / np.linalg.norm(unclipped), rtol=1e-4
+    )
+
+
 def test_a_pending_reset_is_part_of_the_checkpoint(tmp_path) -> None:
     adagrad = Adagrad([tf.Variable([1.0])], learning_rate=0.1)
     adagrad.reset()
@@ -196,12 +236,20 @@ def test_optimizer_state_is_part_of_the_checkpoint(tmp_path, optimizer, half_lif
         np.testing.assert_array_equal(restored.train_step(data).elbo, want)
 
 
-def test_config_rejects_a_half_life_outside_adagrad_and_unknown_optimizers() -> None:
+def test_config_rejects_a_half_life_or_clip_outside_adagrad_and_unknown_optimizers() -> None:
     with pytest.raises(ValueError, match="applies to adagrad only"):
         vae.VAEConfig(optimizer="adam", accumulator_half_life_examples=100)
     with pytest.raises(ValueError, match="positive number of examples"):
         vae.VAEConfig(accumulator_half_life_examples=0)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         vae.VAEConfig(optimizer="sgd")
-    with pytest.raises(ValueError, match="applies to Adagrad"):
+    with pytest.raises(ValueError, match="apply to Adagrad only"):
         make_optimizer("rmsprop", [tf.Variable([1.0])], 0.1, half_life_examples=10)
+    with pytest.raises(ValueError, match="apply to Adagrad only"):
+        make_optimizer("adam", [tf.Variable([1.0])], 0.1, update_clip_threshold=1.0)
+    with pytest.raises(ValueError, match="update_clip_threshold must be positive"):
+        vae.VAEConfig(update_clip_threshold=0.0)
+    with pytest.raises(ValueError, match="applies to adagrad only"):
+        vae.VAEConfig(optimizer="rmsprop", update_clip_threshold=1.0)
+    with pytest.raises(ValueError, match="update_clip_threshold must be positive"):
+        Adagrad([tf.Variable([1.0])], 0.1, update_clip_threshold=-1.0)

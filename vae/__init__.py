@@ -16,6 +16,7 @@ import importlib
 
 _EXPORTS = {
     "VAEConfig": "vae.config",
+    "UPDATE_CLIP_THRESHOLD": "vae.config",
     "Evaluation": "vae.evaluation",
     "evaluate": "vae.evaluation",
     "importance_sampled_log_likelihood": "vae.evaluation",

@@ -15,14 +15,18 @@ its data. Two remedies keep Adagrad's per-parameter scaling:
   plain ones, step by up to lr.)
 - `half_life_examples`: exponential forgetting, G <- decay * G + g^2 with
   decay = 0.5 ** (batch / half_life_examples), so a gradient's weight in G halves every
-  `half_life_examples` examples and the step size settles instead of vanishing. A sum over
-  hundreds of updates barely moves in a burst of growing gradients, so the steps grow with
-  them: at the paper's learning rate a half-life of 20,000 examples made the bound dip every
-  ~75,000 examples after 1.2*10^6, and 100,000 dipped on inverted digits (measured). So a
-  forgetting Adagrad clips its steps as Adafactor does (Shazeer & Stern 2018, section 6):
-  each tensor's step, in units of lr / sqrt(N) for the N updates G holds, has a root mean
-  square of about 1 while G keeps up with the gradients; when it exceeds
-  `UPDATE_CLIP_THRESHOLD`, the tensor's step is scaled down to it.
+  `half_life_examples` examples and the step size settles instead of vanishing.
+
+Either remedy makes the steps larger than those the model has lately been taking, and a
+model trained with small steps is thrown off by larger ones when its gradients grow: a sum
+over hundreds of updates barely moves in a burst of growing gradients, so the steps grow
+with them. Measured: at the paper's learning rate a half-life of 20,000 examples made the
+bound dip every ~75,000 examples after 1.2*10^6, 100,000 dipped on inverted digits, and
+`reset`'s restart sent the bound from -139 to -539 nats on new digits. So such an Adagrad
+clips its steps as Adafactor does (Shazeer & Stern 2018, section 6), with
+`update_clip_threshold` d: each tensor's step, in units of lr / sqrt(N) for the N updates G
+holds, has a root mean square of about 1 while G keeps up with the gradients; when it
+exceeds d, the tensor's step is scaled down to d.
 
 RMSProp and Adam are here as the usual baselines for comparison. Every optimiser keeps its
 state in variables tracked by its module, so the state is part of a trainer's checkpoint.
@@ -50,9 +54,6 @@ EPSILON = 1e-10
 # ones; after 4*10^6, restarting at the new gradients' scale where larger ended inverted
 # digits 17 nats better than shrinking the old sums alone.
 RESET_UPDATES = 500
-# Adafactor's d. Measured with a half-life of 100,000 on inverted digits after 4*10^6 MNIST
-# examples: no dip (10 drift detections without it) and a bound 10 nats higher at the end.
-UPDATE_CLIP_THRESHOLD = 1.0
 ADAM_EPSILON = 1e-8
 
 
@@ -96,15 +97,19 @@ class Adagrad(Optimizer):
         variables: Sequence[tf.Variable],
         learning_rate: float,
         half_life_examples: float | None = None,
+        update_clip_threshold: float | None = None,
         reset_updates: int = RESET_UPDATES,
         name: str = "adagrad",
     ) -> None:
         super().__init__(variables, learning_rate, name)
         if half_life_examples is not None and not half_life_examples > 0:
             raise ValueError(f"half_life_examples must be positive, got {half_life_examples}")
+        if update_clip_threshold is not None and not update_clip_threshold > 0:
+            raise ValueError(f"update_clip_threshold must be positive, got {update_clip_threshold}")
         if reset_updates < 1:
             raise ValueError(f"reset_updates must be at least 1, got {reset_updates}")
         self.half_life_examples = half_life_examples
+        self.update_clip_threshold = update_clip_threshold
         self.reset_updates = reset_updates
         self.accumulators = self._slots("accumulator")
         with self.name_scope:
@@ -145,9 +150,9 @@ class Adagrad(Optimizer):
             self._variables, self.accumulators, gradients, strict=True
         ):
             learning_rate = tf.constant(self.learning_rate, variable.dtype)
-            if self.half_life_examples is not None:
+            if self.update_clip_threshold is not None:
                 step_rms = self._relative_step_rms(accumulator, gradient)
-                learning_rate /= tf.maximum(1.0, step_rms / UPDATE_CLIP_THRESHOLD)
+                learning_rate /= tf.maximum(1.0, step_rms / self.update_clip_threshold)
             # The fused kernel updates accumulator and variable in one pass over memory.
             tf.raw_ops.ResourceApplyAdagradV2(
                 var=variable.handle,
@@ -252,12 +257,13 @@ def make_optimizer(
     variables: Sequence[tf.Variable],
     learning_rate: float,
     half_life_examples: float | None = None,
+    update_clip_threshold: float | None = None,
 ) -> Optimizer:
     """The optimiser a `VAEConfig` names."""
     if kind == "adagrad":
-        return Adagrad(variables, learning_rate, half_life_examples)
-    if half_life_examples is not None:
-        raise ValueError("a half-life applies to Adagrad's accumulators only")
+        return Adagrad(variables, learning_rate, half_life_examples, update_clip_threshold)
+    if half_life_examples is not None or update_clip_threshold is not None:
+        raise ValueError("a half-life and an update clip apply to Adagrad only")
     if kind == "rmsprop":
         return RMSProp(variables, learning_rate)
     if kind == "adam":

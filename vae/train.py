@@ -53,6 +53,7 @@ class Trainer(tf.Module):
             self.model.trainable_variables,
             config.learning_rate,
             config.accumulator_half_life_examples,
+            config.update_clip_threshold,
         )
         with self.name_scope:
             self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
