@@ -386,13 +386,14 @@ def load_data(args: argparse.Namespace) -> Dataset:
 
 
 def _describe_config(config: vae.VAEConfig) -> str:
+    optimizer = [f"{config.optimizer} {config.learning_rate}"]
+    if config.accumulator_half_life_examples is not None:
+        optimizer.append(f"half-life {config.accumulator_half_life_examples:g} examples")
+    if config.update_clip_threshold is not None:
+        optimizer.append(f"steps clipped at {config.update_clip_threshold:g}")
     return (
         f"{config.input_dim}-{config.hidden_dim}-{config.latent_dim} {config.likelihood} VAE "
         f"(M={config.batch_size}, L={config.samples_per_example}, {config.estimator}, "
-        f"{config.optimizer} {config.learning_rate}"
-        + (
-            f", half-life {config.accumulator_half_life_examples:g} examples)"
-            if config.accumulator_half_life_examples
-            else ")"
-        )
+        + ", ".join(optimizer)
+        + ")"
     )
