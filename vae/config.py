@@ -30,7 +30,7 @@ OPTIMIZERS: tuple[str, ...] = ("adagrad", "rmsprop", "adam")
 # Adafactor's d (Shazeer & Stern 2018, section 6), for an Adagrad that adapts to drift
 # (`reset` or `decay`). Measured after 4*10^6 MNIST examples: with a half-life of 100,000 on
 # inverted digits, no dip (10 drift detections without it) and a bound 10 nats higher at
-# the end; after `reset`'s restart, the bound's worst minibatches -241 instead of -539 on new
+# the end; after `reset`'s restart, the worst minibatch -198 instead of -548 nats on new
 # digits and -191 instead of -712 in a rotation (docs/benchmarks.md, "Non-stationary streams").
 UPDATE_CLIP_THRESHOLD = 1.0
 
