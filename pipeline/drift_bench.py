@@ -47,7 +47,7 @@ import vae
 from pipeline import scenarios
 from pipeline.datasets import Dataset
 from pipeline.drift import DriftMonitor, DriftSettings
-from pipeline.options import DEFAULT_HALF_LIFE_EXAMPLES
+from pipeline.options import DEFAULT_HALF_LIFE_EXAMPLES, adaptation_fields
 
 POLICIES: tuple[str, ...] = ("none", "reset", "decay", "rmsprop", "adam")
 RECOVERY_NATS = 5.0
@@ -139,19 +139,13 @@ class _Learner:
 def policy_config(
     policy: str, base: vae.VAEConfig, half_life: float = DEFAULT_HALF_LIFE_EXAMPLES
 ) -> vae.VAEConfig:
-    if policy == "none":
-        return base
-    if policy == "reset":
-        return dataclasses.replace(base, update_clip_threshold=vae.UPDATE_CLIP_THRESHOLD)
-    if policy == "decay":
-        return dataclasses.replace(
-            base,
-            accumulator_half_life_examples=half_life,
-            update_clip_threshold=vae.UPDATE_CLIP_THRESHOLD,
-        )
-    if policy in ("rmsprop", "adam"):
-        return dataclasses.replace(base, optimizer=policy, learning_rate=BASELINE_LEARNING_RATE)
-    raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
+    """`base` with the optimiser `aevb train --adaptation policy` would use."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
+    config = dataclasses.replace(base, **adaptation_fields(policy, half_life))
+    if config.optimizer != "adagrad":
+        config = dataclasses.replace(config, learning_rate=BASELINE_LEARNING_RATE)
+    return config
 
 
 def recovery_examples(run: StreamRun, change: int, phase_end: int) -> int | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -360,9 +360,7 @@ def model_config(
     """The model the flags describe; input width and likelihood default to `input_spec`'s."""
     if input_dim is None or likelihood is None:
         input_dim, likelihood = input_spec(options)
-    optimizer = options.adaptation if options.adaptation in ("rmsprop", "adam") else "adagrad"
-    half_life = options.half_life_examples if options.adaptation == "decay" else None
-    adapting_adagrad = options.adaptation in ("reset", "decay")
+    optimizer = adaptation_fields(options.adaptation, options.half_life_examples)
     return VAEConfig(
         input_dim=input_dim,
         latent_dim=options.latent_dim,
@@ -371,13 +369,22 @@ def model_config(
         estimator=options.estimator,
         samples_per_example=options.samples_per_example,
         batch_size=options.batch_size,
-        learning_rate=options.learning_rate or DEFAULT_LEARNING_RATES[optimizer],
+        learning_rate=options.learning_rate or DEFAULT_LEARNING_RATES[optimizer["optimizer"]],
         weight_decay=options.weight_decay,
-        optimizer=optimizer,
-        accumulator_half_life_examples=half_life,
-        update_clip_threshold=UPDATE_CLIP_THRESHOLD if adapting_adagrad else None,
         seed=options.seed,
+        **optimizer,
     )
+
+
+def adaptation_fields(adaptation: str, half_life_examples: float) -> dict[str, Any]:
+    """The optimiser fields of a `VAEConfig` for an `--adaptation`, the learning rate aside:
+    `reset` and `decay` are Adagrad with its steps clipped, `decay` forgetting as well."""
+    adapting_adagrad = adaptation in ("reset", "decay")
+    return {
+        "optimizer": adaptation if adaptation in ("rmsprop", "adam") else "adagrad",
+        "accumulator_half_life_examples": half_life_examples if adaptation == "decay" else None,
+        "update_clip_threshold": UPDATE_CLIP_THRESHOLD if adapting_adagrad else None,
+    }
 
 
 def cadence(options: AEVBOptions) -> Cadence:
