@@ -360,7 +360,8 @@ def model_config(
     """The model the flags describe; input width and likelihood default to `input_spec`'s."""
     if input_dim is None or likelihood is None:
         input_dim, likelihood = input_spec(options)
-    optimizer = adaptation_fields(options.adaptation, options.half_life_examples)
+    optimizer_fields = adaptation_fields(options.adaptation, options.half_life_examples)
+    default_learning_rate = DEFAULT_LEARNING_RATES[optimizer_fields["optimizer"]]
     return VAEConfig(
         input_dim=input_dim,
         latent_dim=options.latent_dim,
@@ -369,10 +370,10 @@ def model_config(
         estimator=options.estimator,
         samples_per_example=options.samples_per_example,
         batch_size=options.batch_size,
-        learning_rate=options.learning_rate or DEFAULT_LEARNING_RATES[optimizer["optimizer"]],
+        learning_rate=options.learning_rate or default_learning_rate,
         weight_decay=options.weight_decay,
         seed=options.seed,
-        **optimizer,
+        **optimizer_fields,
     )
 
 

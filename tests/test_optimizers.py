@@ -8,13 +8,7 @@ import tensorflow as tf
 
 import vae
 from vae.config import UPDATE_CLIP_THRESHOLD
-from vae.optimizers import (
-    EPSILON,
-    Adagrad,
-    Adam,
-    RMSProp,
-    make_optimizer,
-)
+from vae.optimizers import EPSILON, Adagrad, Adam, RMSProp, make_optimizer
 
 GRADIENTS = [np.array([2.0, -4.0, 0.5]), np.array([-1.0, 3.0, 0.25]), np.array([0.5, 0.5, -2.0])]
 
