@@ -47,7 +47,7 @@ import vae
 from pipeline import scenarios
 from pipeline.datasets import Dataset
 from pipeline.drift import DriftMonitor, DriftSettings
-from pipeline.options import DEFAULT_HALF_LIFE_EXAMPLES, adaptation_fields
+from pipeline.options import DEFAULT_HALF_LIFE_EXAMPLES, DEFAULT_LEARNING_RATES, adaptation_fields
 
 POLICIES: tuple[str, ...] = ("none", "reset", "decay", "rmsprop", "adam")
 RECOVERY_NATS = 5.0
@@ -55,8 +55,6 @@ RECOVERY_WINDOW = 2_000
 # The level a policy reaches at the end of a phase: over 2,000 examples, one 20-nat dip of
 # a few minibatches moved it by 3 nats and a recovery figure from 46,000 to 7,100 examples.
 LEVEL_WINDOW = 10_000
-# Adaptive-moment methods need smaller steps than Adagrad's 0.02 (their usual defaults).
-BASELINE_LEARNING_RATE = 1e-3
 HELD_OUT_EXAMPLES = 2_000
 # The change comes after 4*10^4 updates, within the range of the toy run: at 10^4 the
 # paper's Adagrad had not slowed enough to matter (docs/benchmarks.md, both runs).
@@ -144,7 +142,8 @@ def policy_config(
         raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
     config = dataclasses.replace(base, **adaptation_fields(policy, half_life))
     if config.optimizer != "adagrad":
-        config = dataclasses.replace(config, learning_rate=BASELINE_LEARNING_RATE)
+        learning_rate = DEFAULT_LEARNING_RATES[config.optimizer]
+        config = dataclasses.replace(config, learning_rate=learning_rate)
     return config
 
 
@@ -283,7 +282,7 @@ def drift_benchmark(
         "recovery_window_examples": RECOVERY_WINDOW,
         "level_window_examples": LEVEL_WINDOW,
         "half_life_examples": half_life,
-        "baseline_learning_rate": BASELINE_LEARNING_RATE,
+        "baseline_learning_rate": DEFAULT_LEARNING_RATES["rmsprop"],
         "drift": dataclasses.asdict(drift),
         "config": base.to_dict(),
         "seconds": time.perf_counter() - started,
