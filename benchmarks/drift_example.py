@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from pipeline.datasets import load_dataset
+from pipeline.ingest.datasets import load_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 AEVB = pathlib.Path(sys.executable).parent / "aevb"

@@ -6,7 +6,7 @@
    rotated (90 degrees) and noisy (+N(0, 0.1^2), clipped) images; and a second model
    trained on digits 0-4 for 2*10^5 examples continues on digits 5-9.
 2. evaluate: each detector setting replays those streams (one value per minibatch, as
-   `pipeline.drift.DriftMonitor` is fed) and reports false alarms on the stationary run,
+   `pipeline.train.drift.DriftMonitor` is fed) and reports false alarms on the stationary run,
    false alarms on 10^7 examples of a flat bound (block bootstrap of the late run's
    detrended minibatch noise: the worst case, when the bound no longer improves), and the
    delay in examples from each switch to its detection (also for sustained rises of 10-40
@@ -30,8 +30,8 @@ BRANCH_AT = (100_000, 500_000)
 
 def collect(output: pathlib.Path) -> None:
     import vae
-    from pipeline.datasets import load_dataset
-    from pipeline.replay import replay_chunks
+    from pipeline.ingest.datasets import load_dataset
+    from pipeline.ingest.replay import replay_chunks
 
     dataset = load_dataset("mnist")
     train, labels = dataset.train, dataset.train_labels
@@ -78,7 +78,7 @@ def _means(bounds: np.ndarray) -> np.ndarray:
 
 
 def _detections(settings, values) -> list[int]:
-    from pipeline.drift import DriftMonitor
+    from pipeline.train.drift import DriftMonitor
 
     monitor = DriftMonitor(settings)
     found = []
@@ -89,7 +89,7 @@ def _detections(settings, values) -> list[int]:
 
 
 def evaluate(output: pathlib.Path) -> None:
-    from pipeline.drift import DriftSettings
+    from pipeline.train.drift import DriftSettings
 
     stationary = _means(np.load(output / "stationary.npy"))
     # The flat worst case: the late run's minibatch noise around a moving average,

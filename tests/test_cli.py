@@ -1,7 +1,7 @@
-"""Tests for the `aevb` command line (pipeline.cli and pipeline.commands).
+"""Tests for the `aevb` command line (pipeline.cli.main and pipeline.cli.commands).
 
 Flag errors go through the real console script, since its exit status and its one line on
-stderr are the contract; everything else calls `pipeline.cli.main` in-process, which saves
+stderr are the contract; everything else calls `pipeline.cli.main.main` in-process, which saves
 the ~5 s TensorFlow import of a subprocess per call.
 """
 
@@ -20,10 +20,10 @@ import tensorflow as tf
 from shared_data import SHARED, needs_data
 
 import vae
-from pipeline import cli
-from pipeline.datasets import load_dataset
-from pipeline.progress import read_progress
-from pipeline.snapshots import read_metadata, version_directories
+from pipeline.cli.main import main as cli
+from pipeline.ingest.datasets import load_dataset
+from pipeline.train.progress import read_progress
+from vae.snapshot_format import read_metadata, version_directories
 
 AEVB = pathlib.Path(sys.executable).parent / "aevb"  # the console script of this venv
 
@@ -91,7 +91,7 @@ def test_bad_flags_are_rejected_before_tensorflow_is_imported(tmp_path: pathlib.
     """What keeps the errors above fast: none of them needs TensorFlow."""
     script = (
         "import json, sys\n"
-        "from pipeline.cli import main\n"
+        "from pipeline.cli.main import main\n"
         "codes = []\n"
         "for argv in json.loads(sys.argv[1]):\n"
         "    try:\n"
@@ -255,7 +255,7 @@ def test_evaluate_prints_one_json_object(mnist_run: dict, capsys: pytest.Capture
 
 def test_bench_drift_defaults_are_the_benchmarks_own() -> None:
     """The parser repeats drift_bench's defaults (importing it would import TensorFlow)."""
-    from pipeline import drift_bench
+    from benchmarks import drift as drift_bench
 
     args = cli.build_parser().parse_args(["bench", "drift"])
     assert args.stationary_examples == drift_bench.STATIONARY_EXAMPLES

@@ -1,4 +1,4 @@
-"""Tests for pipeline.datasets against the facts published in the shared data README."""
+"""Tests for pipeline.ingest.datasets against the facts published in the shared data README."""
 
 import doctest
 import gzip
@@ -15,8 +15,8 @@ import pytest
 import scipy.io
 from shared_data import SHARED, needs_data
 
-from pipeline import datasets
-from pipeline.datasets import (
+from pipeline.ingest import datasets
+from pipeline.ingest.datasets import (
     DATASETS,
     CorruptDataError,
     Dataset,
@@ -329,7 +329,7 @@ def test_download_saves_verified_file_into_cache(
     good = (SHARED / SMALL_FILE).read_bytes()
     # First mirror serves a corrupt payload, the second the real file.
     urls = _serve(monkeypatch, [_Response(good[:-1] + b"x"), _Response(good)])
-    with caplog.at_level(logging.INFO, logger="pipeline.datasets"):
+    with caplog.at_level(logging.INFO, logger="pipeline.ingest.datasets"):
         path = find_data_file(SMALL_FILE)
     assert path == hermetic / SMALL_FILE and path.read_bytes() == good
     assert urls == [
@@ -374,7 +374,7 @@ def test_failed_downloads_leave_no_partial_file(
 def test_fallback_returns_mnist_5k_with_a_warning(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.ingest.datasets"):
         ds = load_dataset("mnist", tmp_path, download=False, fallback="mnist-5k")
     assert ds.name == "mnist-5k"
     assert ds.train.shape == (4000, 784) and ds.test.shape == (1000, 784)
@@ -402,7 +402,7 @@ def test_module_docstring_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_import_is_light() -> None:
     code = (
-        "import sys, pipeline.datasets; "
+        "import sys, pipeline.ingest.datasets; "
         "heavy = {'tensorflow', 'apache_beam', 'scipy', 'mlxtend'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

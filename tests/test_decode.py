@@ -1,4 +1,4 @@
-"""Tests for pipeline.decode, pipeline.validation and pipeline.dead_letter."""
+"""Tests for pipeline.ingest.decode, pipeline.ingest.validation and pipeline.ingest.dead_letter."""
 
 import doctest
 import io
@@ -15,21 +15,25 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import dead_letter, decode, validation
-from pipeline.dead_letter import (
+from pipeline.ingest import dead_letter
+
+from pipeline.ingest import decode
+
+from pipeline.ingest import validation
+from pipeline.ingest.dead_letter import (
     DEAD_LETTER_TAG,
     EXCERPT_CHARS,
     DeadLetter,
     WriteDeadLetters,
 )
-from pipeline.decode import (
+from pipeline.ingest.decode import (
     CHUNK_ROWS,
     DecodeFiles,
     DecodeRecords,
     ValidateChunks,
     decode_file,
 )
-from pipeline.validation import validate_rows
+from pipeline.ingest.validation import validate_rows
 
 D = 4
 

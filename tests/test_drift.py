@@ -1,6 +1,7 @@
-"""Tests for pipeline.drift and the drift hooks of pipeline.session."""
+"""Tests for pipeline.train.drift and the drift hooks of pipeline.train.session."""
 
 import io
+import itertools
 import json
 import pathlib
 
@@ -8,16 +9,17 @@ import numpy as np
 import pytest
 
 import vae
-from pipeline.drift import (
+from pipeline.train.drift import (
     ADWIN_CONFIRM_MINIBATCHES,
     DriftDetection,
     DriftMonitor,
     DriftSettings,
+    PageHinkley,
 )
-from pipeline.observers import SessionObserver
-from pipeline.progress import ProgressLog, read_progress
-from pipeline.session import Cadence, TrainingSession
-from pipeline.snapshots import read_metadata, version_directories
+from pipeline.train.observers import SessionObserver
+from pipeline.train.progress import ProgressLog, read_progress
+from pipeline.train.session import Cadence, TrainingSession
+from vae.snapshot_format import read_metadata, version_directories
 
 MINIBATCH = 100
 NOISE = 3.3  # nats: sd of a 784-500-20 MNIST model's minibatch mean negative bound
@@ -91,6 +93,84 @@ def test_page_hinkley_statistic_rises_with_the_bound_and_resets_after_detection(
     assert detection is not None and detection.statistic > 50
     assert detection.examples_seen == 5200
     assert monitor.statistics["page-hinkley"] == 0.0
+
+
+def _shifting_stream(length: int, seed: int, noise: float, shift: float) -> np.ndarray:
+    """Noise around a mean that jumps up or down every few hundred values."""
+    rng = np.random.default_rng(seed)
+    jumps = np.zeros(length)
+    jumps[rng.integers(1, length, length // 300)] = rng.choice([-1.0, 1.0, 2.0], length // 300)
+    return 100 + shift * np.cumsum(jumps) + rng.normal(0, noise, length)
+
+
+# (min_instances, delta, threshold, noise, shift): the defaults on minibatch-like noise, and
+# settings that detect often, so the resets after detections and the warm-ups are exercised.
+PH_CASES = [
+    (30, 2.0, 50.0, NOISE, 40.0),
+    (5, 0.5, 10.0, 1.0, 5.0),
+    (1, 0.0, 5.0, 1.0, 2.0),
+    (50, 0.005, 20.0, 2.0, 3.0),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("min_instances", "delta", "threshold", "noise", "shift"), PH_CASES)
+def test_page_hinkley_detects_where_rivers_does(
+    seed: int, min_instances: int, delta: float, threshold: float, noise: float, shift: float
+) -> None:
+    from river import drift
+
+    # Ours replaces river's so that its statistic can be exported (module docstring); the
+    # detections must stay those of the river settings it replaced.
+    theirs = drift.PageHinkley(
+        min_instances=min_instances, delta=delta, threshold=threshold, alpha=1.0, mode="up"
+    )
+    ours = PageHinkley(min_instances=min_instances, delta=delta, threshold=threshold)
+    stream = _shifting_stream(20_000, seed, noise, shift)
+    stream[:3000] += 500 * np.exp(-np.arange(3000) / 300)  # and a learning curve's descent
+    found_theirs, found_ours = [], []
+    for i, value in enumerate(stream.tolist()):
+        theirs.update(value)
+        ours.update(value)
+        if theirs.drift_detected:
+            found_theirs.append(i)
+        if ours.drift_detected:
+            found_ours.append(i)
+    assert len(found_theirs) >= 10  # enough detections, and resets, to compare
+    assert found_ours == found_theirs
+
+
+@pytest.mark.parametrize(("min_instances", "delta", "threshold", "noise", "shift"), PH_CASES)
+def test_page_hinkley_statistic_is_the_cumulative_sum_against_its_minimum(
+    min_instances: int, delta: float, threshold: float, noise: float, shift: float
+) -> None:
+    detector = PageHinkley(min_instances=min_instances, delta=delta, threshold=threshold)
+    stream = _shifting_stream(5000, 7, noise, shift)
+    statistic, baseline, detected = [], [], []
+    for value in stream.tolist():
+        detector.update(value)
+        statistic.append(detector.statistic)
+        baseline.append(detector.baseline)
+        detected.append(detector.drift_detected)
+    assert sum(detected) >= 3
+    # The detector starts afresh on the value after each detection: recompute each segment
+    # between resets directly.
+    resets = (np.flatnonzero(detected) + 1).tolist()
+    for start, end in itertools.pairwise([0, *resets, len(stream)]):
+        x = stream[start:end]
+        if len(x) == 0:
+            continue
+        count = np.arange(1, len(x) + 1)
+        mean = np.cumsum(x) / count
+        sums = np.cumsum(x - mean - delta)
+        expected = sums - np.minimum.accumulate(sums)
+        np.testing.assert_allclose(statistic[start:end], expected, rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(
+            baseline[start:end], np.concatenate([x[:1], mean[:-1]]), rtol=1e-12
+        )
+        np.testing.assert_array_equal(
+            detected[start:end], (count >= min_instances) & (expected > threshold)
+        )
 
 
 def test_adwin_ignores_an_improvement_and_a_single_outlier() -> None:
@@ -229,7 +309,7 @@ def test_session_logs_snapshots_and_tells_observers_on_drift(
     assert len([e for e in recorder.events if e[0] == "record"]) == 300
 
 
-@pytest.mark.parametrize("name", ["pipeline.drift", "pipeline.observers"])
+@pytest.mark.parametrize("name", ["pipeline.train.drift", "pipeline.train.observers"])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib
@@ -239,16 +319,16 @@ def test_docstring_examples(name: str) -> None:
 
 
 def test_flags_make_the_settings(tmp_path: pathlib.Path, capsys) -> None:
-    from pipeline import cli
-    from pipeline.options import AEVBOptions, drift_settings, metrics_settings
+    from pipeline.cli import main as cli
+    from pipeline.jobs.options import AEVBOptions, drift_settings, exports_metrics
 
     options = AEVBOptions(["--drift-detector", "adwin", "--adwin-min-increase", "8"])
     assert drift_settings(options) == DriftSettings("adwin", adwin_min_increase=8.0)
     assert drift_settings(AEVBOptions([])).detector == "both"
     assert drift_settings(AEVBOptions(["--drift-detector", "none"])) is None
-    assert metrics_settings(AEVBOptions([])) is None
-    assert metrics_settings(AEVBOptions(["--metrics-port", "0"])) is not None
-    assert metrics_settings(AEVBOptions(["--pushgateway", "http://gw:9091"])) is not None
+    assert not exports_metrics(AEVBOptions([]))
+    assert exports_metrics(AEVBOptions(["--metrics-port", "0"]))
+    assert exports_metrics(AEVBOptions(["--pushgateway", "http://gw:9091"]))
     # A value the flag parser lets through but the detector cannot use: one usage line.
     status = cli.main(["train", "--adwin-delta", "1.5", "--output", str(tmp_path / "run")])
     assert status == 2

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import vae
-from pipeline.datasets import load_dataset
-from pipeline.drift_bench import (
+from pipeline.ingest.datasets import load_dataset
+from benchmarks.drift import (
     LEVEL_WINDOW,
     POLICIES,
     RECOVERY_NATS,
@@ -21,7 +21,7 @@ from pipeline.drift_bench import (
     policy_config,
     recovery_examples,
 )
-from pipeline.options import AEVBOptions, model_config
+from pipeline.jobs.options import AEVBOptions, model_config
 
 
 def synthetic_run(level_before: float, dip: float, recover_after: int, change: int) -> StreamRun:

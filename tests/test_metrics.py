@@ -1,4 +1,4 @@
-"""Tests for pipeline.metrics: the exporter, multiprocess mode, the Pushgateway pusher,
+"""Tests for pipeline.outputs.metrics: the exporter, multiprocess mode, the Pushgateway pusher,
 and the counters the Beam job keeps (Prometheus and Beam metrics alike).
 
 The pytest process keeps prometheus-client in single-process mode; everything about
@@ -23,10 +23,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import metrics
-from pipeline.dead_letter import REASONS, DeadLetter, WriteDeadLetters
-from pipeline.drift import DriftDetection
-from pipeline.records import TrainingRecord
+from pipeline.ingest.dead_letter import REASONS, DeadLetter
+from pipeline.outputs import metrics, metrics_export
+from pipeline.outputs.dead_letters import WriteDeadLetters
+from pipeline.train import counters
+from pipeline.train.drift import DriftDetection
+from pipeline.train.records import TrainingRecord
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -132,8 +134,8 @@ def test_negative_elbo_buckets_are_not_latency_defaults() -> None:
 
 _WORKER = """
 import os, sys, time
-from pipeline import metrics
-from pipeline.records import TrainingRecord
+from pipeline.outputs import metrics
+from pipeline.train.records import TrainingRecord
 assert metrics.use_multiprocess_dir(sys.argv[1])
 observer = metrics.PrometheusObserver()
 observer.on_open("shared", last_snapshot_unix=float(sys.argv[2]), drift_thresholds={"adwin": 5.0})
@@ -186,13 +188,13 @@ def test_worker_processes_are_aggregated(tmp_path: pathlib.Path) -> None:
 
 def test_multiprocess_mode_cannot_be_chosen_after_metrics_exist(tmp_path: pathlib.Path) -> None:
     script = (
-        "import sys; from pipeline import metrics; metrics.families(); "
+        "import sys; from pipeline.outputs import metrics; metrics.families(); "
         "print(metrics.use_multiprocess_dir(sys.argv[1]), metrics.multiprocess_dir())"
     )
     assert _python(script, tmp_path) == ["False", "None"]
     # Chosen before any metric exists, and again by a second job in the same process.
     script = (
-        "import sys; from pipeline import metrics; from prometheus_client import values; "
+        "import sys; from pipeline.outputs import metrics; from prometheus_client import values; "
         "first = metrics.use_multiprocess_dir(sys.argv[1]); chosen = values.ValueClass; "
         "metrics.families(); again = metrics.use_multiprocess_dir(sys.argv[1]); "
         "print(first, again, values.ValueClass is chosen, chosen._multiprocess)"
@@ -205,7 +207,7 @@ def test_multiprocess_mode_cannot_be_chosen_after_metrics_exist(tmp_path: pathli
 
 def test_serve_metrics_on_loopback() -> None:
     metrics.PrometheusObserver().on_open("served", last_snapshot_unix=5.0)
-    server = metrics.serve_metrics("127.0.0.1", 0)
+    server = metrics_export.serve_metrics("127.0.0.1", 0)
     try:
         url = f"http://127.0.0.1:{server.server_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -254,7 +256,7 @@ def test_push_groups_by_job_and_model(pushgateway: FakePushgateway) -> None:
     for key in ("push-a", "push-b"):
         observer.on_open(key, last_snapshot_unix=1.0)
     observer.on_record(_record("push-a", 4))
-    pushed = metrics.push_once(pushgateway.url, job="aevb-batch")
+    pushed = metrics_export.push_once(pushgateway.url, job="aevb-batch")
     assert {"push-a", "push-b"} <= set(pushed)
     by_path = {path: body for _, path, body in pushgateway.requests}
     body_a = by_path["/metrics/job/aevb-batch/model/push-a"]
@@ -267,7 +269,7 @@ def test_push_groups_by_job_and_model(pushgateway: FakePushgateway) -> None:
 
 def test_pusher_pushes_on_an_interval_and_at_the_end(pushgateway: FakePushgateway) -> None:
     metrics.PrometheusObserver().on_open("interval", last_snapshot_unix=1.0)
-    pusher = metrics.MetricsPusher(pushgateway.url, job="aevb", interval=0.05).start()
+    pusher = metrics_export.MetricsPusher(pushgateway.url, job="aevb", interval=0.05).start()
     deadline = time.monotonic() + 10
     while pusher.pushes < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -280,7 +282,7 @@ def test_pusher_pushes_on_an_interval_and_at_the_end(pushgateway: FakePushgatewa
 
 def test_pusher_survives_an_unreachable_gateway() -> None:
     metrics.PrometheusObserver().on_open("unreachable", last_snapshot_unix=1.0)
-    pusher = metrics.MetricsPusher("http://127.0.0.1:9", job="aevb", interval=60)
+    pusher = metrics_export.MetricsPusher("http://127.0.0.1:9", job="aevb", interval=60)
     pusher.stop()  # never started: only the final push, which fails
     assert pusher.failures == 1 and pusher.pushes == 0
 
@@ -312,14 +314,14 @@ def test_dead_letters_count_in_prometheus_and_beam(tmp_path: pathlib.Path) -> No
     counters = result.metrics().query(MetricsFilter().with_namespace("aevb"))["counters"]
     beam_counts = {c.key.metric.name: c.committed for c in counters if c.committed}
     assert beam_counts == {
-        metrics.beam_counter_name("aevb_records_rejected_total", "wrong_width"): 2,
-        metrics.beam_counter_name("aevb_records_rejected_total", "non_numeric"): 1,
+        counters.beam_counter_name("aevb_records_rejected_total", "wrong_width"): 2,
+        counters.beam_counter_name("aevb_records_rejected_total", "non_numeric"): 1,
     }
 
 
 def test_trainer_counts_in_prometheus_and_beam_alike(tmp_path: pathlib.Path) -> None:
     import vae
-    from pipeline.trainer import TrainVAE
+    from pipeline.train.trainer import TrainVAE
 
     config = vae.VAEConfig(input_dim=8, latent_dim=2, hidden_dim=8, batch_size=10)
     data = (np.random.default_rng(0).random((95, 8)) > 0.5).astype(np.float32)
@@ -327,7 +329,12 @@ def test_trainer_counts_in_prometheus_and_beam_alike(tmp_path: pathlib.Path) -> 
     _ = (
         pipeline
         | beam.Create([("trainer-m", data[:50]), ("trainer-m", data[50:])])
-        | TrainVAE(config, str(tmp_path), metrics=metrics.MetricsSettings(), drift=None)
+        | TrainVAE(
+            config,
+            str(tmp_path),
+            observer_factories=[metrics.PrometheusObserver],
+            drift=None,
+        )
     )
     result = pipeline.run()
     result.wait_until_finish()
@@ -348,7 +355,7 @@ def test_trainer_counts_in_prometheus_and_beam_alike(tmp_path: pathlib.Path) -> 
     )
 
 
-@pytest.mark.parametrize("name", ["pipeline.metrics"])
+@pytest.mark.parametrize("name", ["pipeline.outputs.metrics", "pipeline.train.counters"])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib

@@ -23,7 +23,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from pipeline.datasets import load_dataset
+from pipeline.ingest.datasets import load_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"

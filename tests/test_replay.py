@@ -1,11 +1,11 @@
-"""Tests for pipeline.replay: a data set replayed as reshuffled passes, in chunks."""
+"""Tests for pipeline.ingest.replay: a data set replayed as reshuffled passes, in chunks."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pipeline.replay import replay_chunks
+from pipeline.ingest.replay import replay_chunks
 
 N = 23  # not a multiple of any chunk size used below: every pass ends in a short chunk
 

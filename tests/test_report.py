@@ -1,4 +1,4 @@
-"""Tests for pipeline.report and `aevb report`: the bound, its terms and drift marks, and
+"""Tests for pipeline.outputs.figures and `aevb report`: the bound, its terms and drift marks, and
 the samples and manifold figures of a 2-D latent image model."""
 
 import io
@@ -10,9 +10,10 @@ import pytest
 from scipy.stats import norm
 
 import vae
-from pipeline import cli, report
-from pipeline.progress import ProgressLog
-from pipeline.session import Cadence, TrainingSession
+from pipeline.cli.main import main as cli
+from pipeline.outputs import figures as report
+from pipeline.train.progress import ProgressLog
+from pipeline.train.session import Cadence, TrainingSession
 
 
 def _png_size(path: pathlib.Path) -> tuple[int, int]:
@@ -91,7 +92,7 @@ def test_model_figures_refuse_what_they_cannot_draw(tmp_path: pathlib.Path) -> N
         report.samples_figure(tabular, tmp_path / "t.png")
 
 
-@pytest.mark.parametrize("name", ["pipeline.report"])
+@pytest.mark.parametrize("name", ["pipeline.outputs.figures"])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib

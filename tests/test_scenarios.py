@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import scenarios
+from pipeline.ingest import scenarios
 
 SIDE = 6
 

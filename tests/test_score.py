@@ -1,4 +1,4 @@
-"""Tests for pipeline.score and `aevb score`: the scoring job, its thresholds, its model handler,
+"""Tests for pipeline.jobs.score and `aevb score`: the scoring job, its thresholds, its model handler,
 and a streaming job that switches to new snapshot versions while a trainer writes them."""
 
 import collections
@@ -18,9 +18,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 import vae
-from pipeline import lifecycle
-from pipeline.cli import main
-from pipeline.score import (
+from pipeline.ingest import lifecycle
+from pipeline.cli.main import main
+from pipeline.jobs.score import (
     ScoreChunk,
     SnapshotModelHandler,
     Threshold,
@@ -30,8 +30,9 @@ from pipeline.score import (
     build_scoring_pipeline,
     read_scores,
 )
-from pipeline.session import Cadence, TrainingSession
-from pipeline.snapshots import SnapshotWriter, read_metadata
+from pipeline.train.session import Cadence, TrainingSession
+from pipeline.train.snapshots import SnapshotWriter
+from vae.snapshot_format import read_metadata
 
 CONFIG = vae.VAEConfig(input_dim=8, latent_dim=2, hidden_dim=8, batch_size=10, seed=5)
 
@@ -139,7 +140,7 @@ def test_followed_model_switches_to_new_versions_and_survives_a_broken_one(
     (directory / "3").mkdir()
     (directory / "3" / "saved_model.pb").write_bytes(b"not a SavedModel")
     now[0] = 20.0
-    with caplog.at_level(logging.WARNING, logger="pipeline.score"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.jobs.score"):
         assert followed.current().version == 2
     assert "keeping version 2" in caplog.text
     # A version directory is pinned: never followed.

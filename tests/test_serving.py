@@ -16,8 +16,10 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 import vae
-from pipeline.snapshots import WARMUP_PATH, SnapshotWriter
-from vae.serving import SIGNATURES, LoadedModel
+from pipeline.train.snapshots import SnapshotWriter
+from vae.snapshot_format import WARMUP_PATH
+from vae.serving import LoadedModel
+from vae.snapshot_format import SIGNATURES
 
 CONFIGS = {
     "bernoulli": vae.VAEConfig(input_dim=8, latent_dim=2, hidden_dim=6, batch_size=4, seed=3),
@@ -317,7 +319,7 @@ def test_importing_vae_load_does_not_import_tfp_or_tensorflow() -> None:
         [
             sys.executable,
             "-c",
-            "import sys, vae; vae.load; vae.resolve_version; import pipeline.snapshots; "
+            "import sys, vae; vae.load; vae.resolve_version; import pipeline.train.snapshots; "
             "print(sorted(m for m in ('tensorflow', 'tensorflow_probability') "
             "if m in sys.modules))",
         ],

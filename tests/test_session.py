@@ -1,4 +1,4 @@
-"""Tests for pipeline.session (with pipeline.checkpoints and pipeline.progress beneath it).
+"""Tests for pipeline.train.session (with pipeline.train.checkpoints and pipeline.train.progress beneath it).
 
 Every `vae.Trainer` compiles its step with XLA once per minibatch shape (about a second on a
 small machine), so the tests use few sessions and few distinct batch sizes.
@@ -13,12 +13,13 @@ import pytest
 import tensorflow as tf
 
 import vae
-from pipeline.checkpoints import CONFIG_FILE, CheckpointStore
-from pipeline.drift import DriftSettings
-from pipeline.progress import ProgressLog, read_progress
-from pipeline.records import TrainingRecord
-from pipeline.session import Cadence, TrainingSession, validate_model_key
-from pipeline.snapshots import read_metadata, version_directories
+from pipeline.train.checkpoints import CONFIG_FILE, CheckpointStore
+from pipeline.train.drift import DriftSettings
+from pipeline.train.progress import ProgressLog, read_progress
+from pipeline.train.records import TrainingRecord
+from pipeline.ingest.keys import validate_model_key
+from pipeline.train.session import Cadence, TrainingSession
+from vae.snapshot_format import read_metadata, version_directories
 from vae.optimizers import RESET_UPDATES
 
 D = 8

@@ -1,4 +1,4 @@
-"""Tests for pipeline.snapshots: versioned SavedModel snapshots a server can poll safely."""
+"""Tests for pipeline.train.snapshots: versioned SavedModel snapshots a server can poll safely."""
 
 import json
 import pathlib
@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 import vae
-from pipeline import snapshots
-from pipeline.session import Cadence, TrainingSession
-from pipeline.snapshots import (
+from pipeline.train import snapshots
+from pipeline.train.session import Cadence, TrainingSession
+from pipeline.train.snapshots import (
     METADATA_PATH,
     SnapshotWriter,
     read_metadata,

@@ -1,4 +1,4 @@
-"""Tests for pipeline.sources: data-set replay, file reading and watching, Kafka, specs."""
+"""Tests for pipeline.ingest.sources: data-set replay, file reading and watching, Kafka, specs."""
 
 import doctest
 import itertools
@@ -16,11 +16,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import external_transforms_pb2
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import lifecycle, sources
-from pipeline.datasets import Dataset
-from pipeline.decode import DEAD_LETTER_TAG, DecodeFiles
-from pipeline.replay import replay_chunks
-from pipeline.sources import (
+from pipeline.ingest import lifecycle
+
+from pipeline.ingest import sources
+from pipeline.ingest.datasets import Dataset
+from pipeline.ingest.decode import DEAD_LETTER_TAG, DecodeFiles
+from pipeline.ingest.replay import replay_chunks
+from pipeline.ingest.sources import (
     ReadFiles,
     ReplayDataset,
     WatchFiles,

@@ -21,12 +21,12 @@ import yaml
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 from apache_beam.testing.util import assert_that
 
-from pipeline.cli import build_parser
-from pipeline.decode import DecodeRecords
-from pipeline.options import AEVBOptions, cadence, drift_settings, model_config
-from pipeline.produce import encode_row, replay_into
-from pipeline.score import ScoreOptions  # noqa: F401 -- registers the score flags with Beam
-from pipeline.sources import parse_source
+from pipeline.cli.main import build_parser
+from pipeline.ingest.decode import DecodeRecords
+from pipeline.jobs.options import AEVBOptions, cadence, drift_settings, model_config
+from pipeline.jobs.produce import encode_row, replay_into
+from pipeline.jobs.score import ScoreOptions  # noqa: F401 -- registers the score flags with Beam
+from pipeline.ingest.sources import parse_source
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -126,7 +126,7 @@ def test_every_aevb_command_of_the_stack_parses_with_aevbs_own_parser(compose) -
     for name, command in commands.items():
         args, beam_args = parser.parse_known_args(command[1:])
         if args.command == "train":
-            # What `aevb train` checks before it starts a job (pipeline.commands.train).
+            # What `aevb train` checks before it starts a job (pipeline.cli.commands.train).
             options = PipelineOptions([*command[2:]]).view_as(AEVBOptions)
             parse_source(options.source)
             model_config(options)

@@ -1,4 +1,4 @@
-"""Tests for pipeline.trainer's TrainVAE inside real Beam pipelines driven by TestStream.
+"""Tests for pipeline.train.trainer's TrainVAE inside real Beam pipelines driven by TestStream.
 
 TestStream runs on Beam's BundleBasedDirectRunner only (``--streaming``). Its processing
 time starts at 0, so the trainer gets a fixed clock (``FixedClock``): a partial minibatch's
@@ -22,12 +22,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream as BeamTestStream
 
 import vae
-from pipeline import trainer as trainer_module
-from pipeline.checkpoints import CheckpointStore
-from pipeline.records import TrainingRecord
-from pipeline.session import Cadence
-from pipeline.snapshots import read_metadata, version_directories
-from pipeline.trainer import TrainVAE
+from pipeline.train import trainer as trainer_module
+from pipeline.train.checkpoints import CheckpointStore
+from pipeline.train.records import TrainingRecord
+from pipeline.train.session import Cadence
+from vae.snapshot_format import read_metadata, version_directories
+from pipeline.train.trainer import TrainVAE
 
 D = 8
 CONFIG = vae.VAEConfig(input_dim=D, latent_dim=2, hidden_dim=8, batch_size=4, seed=3)

@@ -1,6 +1,8 @@
 """Auto-Encoding Variational Bayes (Kingma & Welling, 2014): the model and its learning algorithm.
 
-No Beam and no data I/O here: `pipeline` moves the data, this package learns from it.
+No Beam and no data I/O here: `pipeline` moves the data, this package learns from it. The
+only files it reads and writes are its snapshots, whose format it owns
+(`vae.snapshot_format`: version directories, `aevb.json`, TF Serving's warm-up requests).
 Names load on first use, so `import vae.config` (flag parsing) does not import TensorFlow.
 `vae.load(path)` runs a snapshot's signatures on NumPy arrays without importing TensorFlow
 Probability (`vae.load_model(path)` rebuilds the trainable `vae.VAE`).
@@ -25,11 +27,14 @@ _EXPORTS = {
     "load_model": "vae.export",
     "save": "vae.export",
     "LoadedModel": "vae.serving",
-    "SIGNATURES": "vae.serving",
-    "WARMUP_PATH": "vae.serving",
     "load": "vae.serving",
-    "resolve_version": "vae.versions",
-    "version_directories": "vae.versions",
+    "METADATA_PATH": "vae.snapshot_format",
+    "SIGNATURES": "vae.snapshot_format",
+    "WARMUP_PATH": "vae.snapshot_format",
+    "read_metadata": "vae.snapshot_format",
+    "resolve_version": "vae.snapshot_format",
+    "version_directories": "vae.snapshot_format",
+    "write_metadata": "vae.snapshot_format",
     "VAE": "vae.model",
     "BoundParts": "vae.model",
     "parameter_count": "vae.model",

@@ -35,6 +35,13 @@ OPTIMIZERS: tuple[str, ...] = ("adagrad", "rmsprop", "adam")
 UPDATE_CLIP_THRESHOLD = 1.0
 
 
+def check_likelihood(likelihood: str) -> str:
+    """`likelihood` if it names one of the decoders, else ValueError saying which exist."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    return likelihood
+
+
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
     """Everything needed to rebuild a model and its trainer.
@@ -88,8 +95,7 @@ class VAEConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        check_likelihood(self.likelihood)
         if self.estimator not in ESTIMATORS:
             raise ValueError(
                 f"estimator must be one of {ESTIMATORS} (or 'A'/'B'), got {self.estimator!r}"

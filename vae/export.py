@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from vae.config import VAEConfig
 from vae.model import VAE
-from vae.serving import SIGNATURES
+from vae.snapshot_format import SIGNATURES
 
 EXPORT_SEED = (0, 0)
 LAYERS = ("encoder_hidden", "encoder_output", "decoder_hidden", "decoder_output")

@@ -1,4 +1,4 @@
-"""Consuming snapshots: `load` a SavedModel as NumPy functions, and TF Serving's warm-up file.
+"""Consuming snapshots: `load` a SavedModel as NumPy functions.
 
 `load(path)` takes a version directory, or a model directory (then its newest version), and
 returns a `LoadedModel` whose methods take and return NumPy arrays:
@@ -12,44 +12,20 @@ returns a `LoadedModel` whose methods take and return NumPy arrays:
 It runs the SavedModel's signatures through `tf.saved_model.load`, so it needs TensorFlow but
 neither TensorFlow Probability nor the training code: this module does not import them.
 (`vae.load_model` instead rebuilds a trainable `vae.VAE`.)
-
-Every snapshot also carries `assets.extra/tf_serving_warmup_requests` (`WARMUP_PATH`): a
-TFRecord file of `tensorflow.serving.PredictionLog` protos, one `PredictRequest` per
-signature on a few valid rows, which TF Serving replays when it loads a version, so that
-the first real requests do not pay for the graph's initialisation.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from vae.config import VAEConfig
-from vae.versions import resolve_version, version_number
+from vae.snapshot_format import SIGNATURES, read_metadata, resolve_version, version_number
 
-if TYPE_CHECKING:
-    from tensorflow_serving.apis import prediction_log_pb2
-
-__all__ = [
-    "SIGNATURES",
-    "WARMUP_PATH",
-    "LoadedModel",
-    "Samples",
-    "load",
-    "warmup_requests",
-    "write_warmup_requests",
-]
-
-# The signatures every snapshot serves (see vae.export for their inputs and outputs).
-SIGNATURES = ("serving_default", "encode", "decode", "elbo", "score", "sample")
-WARMUP_PATH = pathlib.Path("assets.extra") / "tf_serving_warmup_requests"
-METADATA_PATH = pathlib.Path("assets.extra") / "aevb.json"
-# Rows per warm-up request: a batch, not a single example, like real traffic.
-WARMUP_ROWS = 3
+__all__ = ["LoadedModel", "Samples", "load"]
 
 
 class Samples(NamedTuple):
@@ -79,8 +55,7 @@ class LoadedModel:
         if missing:
             raise ValueError(f"{self.path} lacks the signatures {missing}: not an aevb snapshot")
         self.config = VAEConfig.from_dict(json.loads(self._module.config_json.numpy().decode()))
-        metadata = self.path / METADATA_PATH
-        self.metadata = json.loads(metadata.read_text()) if metadata.exists() else {}
+        self.metadata = read_metadata(self.path)
         self._tf = tf
 
     def __repr__(self) -> str:
@@ -141,49 +116,3 @@ class LoadedModel:
 def load(path: str | os.PathLike) -> LoadedModel:
     """A `LoadedModel` of a version directory, or of the newest version of a model directory."""
     return LoadedModel(path)
-
-
-def warmup_requests(
-    input_dim: int, latent_dim: int, model_name: str, rows: int = WARMUP_ROWS
-) -> list[prediction_log_pb2.PredictionLog]:
-    """One `PredictionLog` (a `PredictRequest` of `rows` examples) per signature.
-
-    The inputs are valid for either decoder: pixels 0, 1/2, 1, ... cycling, and z on a
-    small grid; `sample` draws `rows` examples with seed 0.
-    """
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-
-    levels = np.array([0.0, 0.5, 1.0], dtype=np.float32)
-    x = levels[(np.arange(rows)[:, None] + np.arange(input_dim)[None, :]) % len(levels)]
-    z = np.linspace(-1.0, 1.0, rows * latent_dim, dtype=np.float32).reshape(rows, latent_dim)
-    inputs = {name: {"x": x} for name in ("serving_default", "encode", "elbo", "score")}
-    inputs["decode"] = {"z": z}
-    inputs["sample"] = {"num_samples": np.int32(rows), "seed": np.int32(0)}
-    logs = []
-    for signature in SIGNATURES:
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model_name
-        request.model_spec.signature_name = signature
-        for name, value in inputs[signature].items():
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
-        logs.append(
-            prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request)
-            )
-        )
-    return logs
-
-
-def write_warmup_requests(
-    version_dir: str | os.PathLike, input_dim: int, latent_dim: int, model_name: str
-) -> pathlib.Path:
-    """Writes `warmup_requests(...)` to `version_dir/assets.extra/tf_serving_warmup_requests`."""
-    import tensorflow as tf
-
-    path = pathlib.Path(version_dir) / WARMUP_PATH
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tf.io.TFRecordWriter(os.fspath(path)) as writer:
-        for log in warmup_requests(input_dim, latent_dim, model_name):
-            writer.write(log.SerializeToString())
-    return path

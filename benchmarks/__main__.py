@@ -1,0 +1,7 @@
+"""`python -m benchmarks NAME ...`: the same as `aevb bench NAME ...`."""
+
+import sys
+
+from benchmarks.cli import main
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,230 @@
+"""`aevb bench NAME ...` (or `python -m benchmarks NAME ...`): parse, run, print one result.
+
+Flags are checked before anything imports TensorFlow, so a mistyped flag answers at once
+with one line and exit status 2, as the `aevb` command does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from benchmarks.drift import POLICIES, STATIONARY_EXAMPLES
+from pipeline.ingest.datasets import Dataset
+from pipeline.ingest.scenarios import SCENARIOS
+from pipeline.jobs.options import (
+    DEFAULT_RUNNER,
+    USAGE_ERROR,
+    FlagParser,
+    UsageError,
+    add_data_flags,
+    add_model_flags,
+    load_data,
+    model_config,
+    model_flags,
+    positive_int,
+    writable_directory,
+)
+from pipeline.outputs.results import print_result
+
+logger = logging.getLogger("aevb")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = FlagParser(prog="aevb bench", description="Speed and quality benchmarks.")
+    benches = parser.add_subparsers(dest="bench", required=True, parser_class=FlagParser)
+    trainer = benches.add_parser("trainer", help="samples/s of the paper's MNIST step")
+    add_model_flags(trainer.add_argument_group("model and learning algorithm"))
+    trainer.add_argument("--input-dim", type=positive_int, default=784)
+    trainer.add_argument("--steps", type=positive_int, default=1000)
+    trainer.add_argument("--warmup-steps", type=positive_int, default=30)
+    trainer.add_argument("--repeats", type=positive_int, default=3)
+    trainer.add_argument(
+        "--reference-command",
+        help='a command printing {"samples_per_second": ...} (e.g. the PyTorch reference), '
+        "run alternately with the trainer for a ratio measured in one run",
+    )
+    trainer.add_argument("--json", action="store_true")
+
+    job = benches.add_parser(
+        "pipeline", help="streaming job vs bare trainer samples/s, measured in one run"
+    )
+    add_data_flags(job.add_argument_group("data"))
+    add_model_flags(job.add_argument_group("model and learning algorithm"))
+    job.add_argument("--examples", type=positive_int, default=200_000)
+    job.add_argument("--chunk-size", type=positive_int, default=1000)
+    job.add_argument("--source", default="dataset", help="dataset or files:GLOB")
+    job.add_argument(
+        "--files-format",
+        choices=("jsonl", "csv", "npy"),
+        help="write the examples to files of this format first and watch them (per-record text)",
+    )
+    job.add_argument("--runner", default=DEFAULT_RUNNER)
+    job.add_argument(
+        "--repeats", type=positive_int, default=3, help="runs of each side, alternating (3)"
+    )
+    job.add_argument("--json", action="store_true")
+
+    memory = benches.add_parser("memory", help="resident memory over a long streaming job")
+    add_data_flags(memory.add_argument_group("data"))
+    add_model_flags(memory.add_argument_group("model and learning algorithm"))
+    memory.add_argument("--examples", type=positive_int, default=2_000_000)
+    memory.add_argument("--baseline-examples", type=positive_int, default=100_000)
+    memory.add_argument("--runner", default=DEFAULT_RUNNER)
+    memory.add_argument("--json", action="store_true")
+
+    drift = benches.add_parser(
+        "drift", help="detection, recovery and forgetting: every scenario x adaptation policy"
+    )
+    add_data_flags(drift.add_argument_group("data"))
+    add_model_flags(drift.add_argument_group("model and learning algorithm"))
+    drift.add_argument("--phase-examples", type=positive_int, default=500_000)
+    drift.add_argument(
+        "--stationary-examples",
+        type=positive_int,
+        default=STATIONARY_EXAMPLES,
+        help="examples of the stationary first phase, the false-alarm run; the changes come "
+        "after them (default %(default)s)",
+    )
+    drift.add_argument("--policies", default=",".join(POLICIES))
+    drift.add_argument("--scenarios", default=",".join(SCENARIOS))
+    drift.add_argument("--plot-dir", type=pathlib.Path, help="write one PNG per scenario here")
+    drift.add_argument(
+        "--curves",
+        type=pathlib.Path,
+        help="write every run's per-minibatch bounds and detections here (.npz), "
+        "the stationary runs included, to re-analyse without training again",
+    )
+    drift.add_argument("--json", action="store_true")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The result of the benchmark `args` name (imported only now: TensorFlow)."""
+    if args.bench == "trainer":
+        try:
+            config = model_config(args, input_dim=args.input_dim, likelihood="bernoulli")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        from benchmarks.trainer import trainer_throughput
+
+        return trainer_throughput(
+            config,
+            steps=args.steps,
+            warmup_steps=args.warmup_steps,
+            repeats=args.repeats,
+            reference_command=args.reference_command,
+        )
+    if args.bench == "pipeline":
+        from benchmarks.job import pipeline_throughput
+
+        dataset, config = _dataset_and_config(args)
+        return pipeline_throughput(
+            dataset,
+            config,
+            model_flags(args),
+            examples=args.examples,
+            repeats=args.repeats,
+            chunk_size=args.chunk_size,
+            source=args.source,
+            runner=args.runner,
+            files_format=args.files_format,
+            extra_flags=_data_flags(args),
+        )
+    if args.bench == "memory":
+        from benchmarks.memory import memory_growth
+
+        dataset, _ = _dataset_and_config(args)
+        return memory_growth(
+            dataset,
+            model_flags(args),
+            examples=args.examples,
+            baseline_examples=args.baseline_examples,
+            runner=args.runner,
+            extra_flags=_data_flags(args),
+        )
+    if args.bench == "drift":
+        return _drift_benchmark(args)
+    raise UsageError(f"unknown benchmark {args.bench!r}")
+
+
+def _drift_benchmark(args: argparse.Namespace) -> dict:
+    from benchmarks import drift as drift_bench
+
+    policies = [p for p in args.policies.split(",") if p]
+    names = [n for n in args.scenarios.split(",") if n]
+    unknown = set(policies) - set(drift_bench.POLICIES) | set(names) - set(SCENARIOS)
+    if unknown:
+        raise UsageError(f"unknown policies or scenarios: {', '.join(sorted(unknown))}")
+    args.adaptation = "none"  # each policy sets its own optimiser
+    dataset, config = _dataset_and_config(args)
+    if dataset.train_labels is None:
+        raise UsageError(f"the drift benchmark needs a labelled data set, not {dataset.name}")
+    result = drift_bench.drift_benchmark(
+        dataset,
+        config,
+        phase_examples=args.phase_examples,
+        stationary_examples=args.stationary_examples,
+        policies=policies,
+        scenario_names=names,
+        half_life=args.half_life_examples,
+    )
+    curves = result.pop("_curves")
+    if args.plot_dir is not None:
+        output = writable_directory(args.plot_dir, "--plot-dir")
+        # From half a phase before the first change: the first 10^6 examples would squeeze it.
+        shown_from = args.stationary_examples - args.phase_examples // 2
+        for name in names:
+            runs = {policy: curves[(name, policy)].since(shown_from) for policy in policies}
+            change = next(r["change_examples"] for r in result["results"] if r["scenario"] == name)
+            path = drift_bench.drift_benchmark_figure(
+                runs, change, output / f"drift-{name}.png", name
+            )
+            logger.info("wrote %s", path)
+    if args.curves is not None:
+        arrays = {}
+        for (name, policy), run in curves.items():
+            arrays[f"{name}/{policy}/positions"] = run.positions
+            arrays[f"{name}/{policy}/bounds"] = run.bounds
+            arrays[f"{name}/{policy}/detections"] = np.asarray(run.detections, np.int64)
+        np.savez_compressed(args.curves, **arrays)
+        logger.info("wrote %s", args.curves)
+    return result
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        print_result(run(args), args.json)
+    except UsageError as error:
+        print(f"aevb bench {args.bench}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+def _dataset_and_config(args: argparse.Namespace) -> tuple[Dataset, Any]:
+    dataset = load_data(args)
+    try:
+        return dataset, model_config(args, dataset.input_dim, dataset.likelihood)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _data_flags(args: argparse.Namespace) -> list[str]:
+    """Where the job finds the data set the benchmark loaded."""
+    return [
+        f"--{flag.replace('_', '-')}={getattr(args, flag)}"
+        for flag in ("data_dir", "fallback_dataset")
+        if getattr(args, flag) is not None
+    ]

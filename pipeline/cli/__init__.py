@@ -1,0 +1,1 @@
+"""The `aevb` command (`main.main`); `commands` holds what each subcommand does."""

@@ -1,0 +1,234 @@
+"""The scoring job: records -> RunInference on the newest snapshot -> scores and anomaly flags.
+
+    read (dataset | files | kafka)                 the sources of `aevb train`
+      -> decode and validate  --(bad records)--> OUT_DIR/dead_letter/*.jsonl
+      -> RunInference(SnapshotModelHandler)       negative bound and q(z|x) mean per record
+      -> FlagAnomalies                            fixed threshold or a quantile of recent scores
+      -> OUT_DIR/scores-<host>-<pid>.jsonl         one JSON object per record
+
+Each output line: ``key``, ``source`` and ``position`` (where the record came from, as in
+dead letters; ``position`` is null for data-set replays and Kafka), ``score`` (the negative
+bound in nats, the anomaly score), ``latent_mean``, ``model_version``, ``anomaly``
+(null while a quantile threshold has too few recent scores), ``threshold`` and
+``scored_unix_seconds``.
+
+The model: `SnapshotModelHandler` is a Beam `ModelHandler` over `tf.saved_model.load`
+(through `vae.load`; Beam's own TensorFlow handler cannot load SavedModels with TF >= 2.16,
+apache/beam#30616). It takes a version directory or a model directory; with a model
+directory in a streaming job it follows the newest version:
+
+- ``--model-updates poll`` (default): the loaded model checks the model directory at most
+  every ``--model-poll-seconds`` and, when a newer version is there, loads it and switches
+  between two chunks. Needs only that the workers see the model directory (a local or
+  mounted directory, like the output); tested on FnApiRunner, batch and streaming.
+- ``--model-updates side-input``: Beam's model-update side input -- `WatchSnapshots` emits
+  `ModelMetadata` for each new version and RunInference reloads through
+  `SnapshotModelHandler.update_model_path`, as with Beam's `WatchFilePattern`. It needs a
+  runner that feeds unbounded side inputs to a running stage (such as Dataflow or Flink;
+  not tested here). The local FnApiRunner holds a stage back until its side inputs are
+  complete, so it would score nothing until the watch ends (and Beam's own
+  `WatchFilePattern` fails there with "more than one element accessed as a singleton
+  view"); `aevb score` refuses that combination.
+
+Scores are appended to per-worker files (like dead letters), not written with windowed
+`fileio`, so the same job works in batch and streaming on FnApiRunner; OUT_DIR must be a
+local or mounted directory on every worker.
+
+Either way a record is only ever scored by a complete version: versions appear by atomic
+rename (`pipeline.train.snapshots`), and the model in use is swapped between chunks, never inside
+one. Every output line names the version that scored it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import uuid
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline.ingest import lifecycle
+from pipeline.ingest.read import DatasetReplay, ReadExamples
+from pipeline.jobs.options import AEVBOptions, positive_float, positive_int
+from pipeline.outputs.dead_letters import WriteDeadLetters
+from pipeline.outputs.scores import WriteScores
+from pipeline.score.anomalies import FlagAnomalies, Threshold
+from pipeline.score.model_handler import SnapshotModelHandler, WatchSnapshots
+from vae.config import VAEConfig
+from vae.snapshot_format import read_metadata, resolve_version
+
+__all__ = [
+    "MODEL_UPDATES",
+    "ScoreOptions",
+    "ScoringJob",
+    "build_scoring_pipeline",
+    "run_scoring",
+    "snapshot_config",
+    "threshold_of",
+]
+
+MODEL_UPDATES = ("poll", "side-input")
+
+
+class ScoreOptions(PipelineOptions):
+    """The flags of `aevb score` that `AEVBOptions` (sources, data, output) does not have."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_score_flags(parser)
+
+
+def quantile(text: str) -> float:
+    value = positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def add_score_flags(parser: argparse.ArgumentParser, require_model: bool = False) -> None:
+    """The flags of `ScoreOptions`; `aevb score` requires --model at parse time."""
+    parser.add_argument(
+        "--model",
+        required=require_model,
+        help="a snapshot version directory, or a model directory (RUN_DIR/snapshots/<key>): "
+        "its newest version, followed as new ones appear in streaming jobs",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("train", "test"),
+        default="test",
+        help="which split of --dataset the dataset source replays (default test)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, help="flag records whose score (nats) exceeds this"
+    )
+    parser.add_argument(
+        "--threshold-quantile",
+        type=quantile,
+        help="flag records scoring above this quantile of the recent scores of their key",
+    )
+    parser.add_argument(
+        "--threshold-window",
+        type=positive_int,
+        default=1000,
+        help="recent scores per key for --threshold-quantile (default 1000); records are "
+        "not flagged (anomaly null) until that many were scored",
+    )
+    parser.add_argument(
+        "--model-updates",
+        choices=MODEL_UPDATES,
+        default="poll",
+        help="how a streaming job follows new snapshot versions: poll (default, any runner) "
+        "or side-input (Beam's model-update side input; runners with streaming side inputs)",
+    )
+    parser.add_argument(
+        "--model-poll-seconds",
+        type=positive_float,
+        default=2.0,
+        help="how often the model directory is checked for a new version (default 2)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringJob:
+    """The PCollections of a built scoring job."""
+
+    scores: beam.PCollection  # the output dicts
+    dead_letters: beam.PCollection
+    job_id: str
+
+
+def snapshot_config(model: str | os.PathLike) -> VAEConfig:
+    """The config of the version `model` resolves to (from its metadata, else loaded)."""
+    version_dir = resolve_version(model)
+    config = read_metadata(version_dir).get("config")
+    if config is None:
+        import vae
+
+        return vae.load(version_dir).config
+    return VAEConfig.from_dict(config)
+
+
+def threshold_of(options: ScoreOptions) -> Threshold:
+    return Threshold(
+        value=options.threshold,
+        quantile=options.threshold_quantile,
+        window=options.threshold_window,
+    )
+
+
+def build_scoring_pipeline(
+    pipeline: beam.Pipeline, options: PipelineOptions, job_id: str | None = None
+) -> ScoringJob:
+    """Applies the scoring job to `pipeline` (see the module docstring).
+
+    Raises:
+        ValueError: no --model or --output, a bad --source, or both threshold kinds.
+        FileNotFoundError: --model has no snapshot.
+    """
+    job_id = job_id or uuid.uuid4().hex
+    aevb = options.view_as(AEVBOptions)
+    score = options.view_as(ScoreOptions)
+    streaming = options.view_as(StandardOptions).streaming
+    if not score.model:
+        raise ValueError("--model is required: a snapshot or RUN_DIR/snapshots/<key>")
+    model = os.path.abspath(score.model)
+    config = snapshot_config(model)
+    threshold = threshold_of(score)
+    out_dir = os.path.abspath(aevb.output)
+
+    epochs = aevb.epochs
+    if not streaming and epochs is None and aevb.max_examples is None:
+        epochs = 1  # a batch job scores the split once
+    chunks, letters = pipeline | "ReadExamples" >> ReadExamples(
+        aevb.source,
+        config.input_dim,
+        config.likelihood,
+        model_key=aevb.model_key,
+        streaming=streaming,
+        max_examples=aevb.max_examples,
+        chunk_size=aevb.chunk_size,
+        poll_interval_seconds=aevb.poll_interval_seconds,
+        replay=DatasetReplay(
+            aevb.dataset,
+            data_dir=aevb.data_dir,
+            fallback=aevb.fallback_dataset,
+            split=score.split,
+            epochs=epochs,
+            examples_per_second=aevb.examples_per_second,
+            seed=aevb.seed,
+        ),
+        job_id=job_id,
+    )
+    follow = streaming and score.model_updates == "poll"
+    # A batch job scores everything with the version that is newest now, on every worker.
+    handler = SnapshotModelHandler(
+        model if streaming else os.fspath(resolve_version(model)),
+        follow=follow,
+        poll_interval_seconds=score.model_poll_seconds,
+    )
+    metadata = None
+    if streaming and score.model_updates == "side-input":
+        metadata = pipeline | "WatchSnapshots" >> WatchSnapshots(
+            model, poll_interval_seconds=score.model_poll_seconds, job_id=job_id
+        )
+    scores = (
+        chunks
+        | "RunInference" >> RunInference(handler, model_metadata_pcoll=metadata)
+        | "FlagAnomalies" >> FlagAnomalies(threshold)
+        | "WriteScores" >> WriteScores(out_dir)
+    )
+    dead_letters = letters | "WriteDeadLetters" >> WriteDeadLetters(
+        out_dir, model_key=aevb.model_key
+    )
+    return ScoringJob(scores=scores, dead_letters=dead_letters, job_id=job_id)
+
+
+def run_scoring(options: PipelineOptions) -> beam.runners.runner.PipelineResult | None:
+    """Runs the scoring job until its input ends or Ctrl-C (the first one drains)."""
+    pipeline = beam.Pipeline(options=options)
+    job = build_scoring_pipeline(pipeline, options)
+    return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)

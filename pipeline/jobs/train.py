@@ -1,0 +1,149 @@
+"""The training job: source -> decode/validate -> TrainVAE -> records, as one Beam pipeline.
+
+    read (dataset | files | kafka)
+      -> decode and validate  --(bad records)--> dead_letter/*.jsonl
+      -> TrainVAE (key, minibatch, test-then-train)
+      -> training records
+
+The read path is `pipeline.ingest.read.ReadExamples`, the same as the scoring job's. Each
+model key's session watches the bound for drift (`pipeline.train.drift`) and, when the job
+exports metrics, updates them (`pipeline.outputs.metrics`); `run_training` serves /metrics
+(--metrics-port) or pushes to a Pushgateway (--pushgateway) from the driver.
+
+`build_training_pipeline` applies these steps to a pipeline the caller owns, so the job
+can be extended or tested; `run_training` is what `aevb train` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import uuid
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline.ingest import lifecycle
+from pipeline.ingest.read import DatasetReplay, ReadExamples
+from pipeline.jobs.options import (
+    AEVBOptions,
+    cadence,
+    drift_settings,
+    exports_metrics,
+    input_spec,
+    model_config,
+    run_dir,
+    scenario_spec,
+)
+from pipeline.outputs.dead_letters import WriteDeadLetters
+from pipeline.outputs.metrics import PrometheusObserver
+from pipeline.outputs.metrics_export import MetricsExport
+from pipeline.train.checkpoints import checkpointed_examples
+from pipeline.train.trainer import TestSetEvaluation, TrainVAE, close_live_sessions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingJob:
+    """The PCollections of a built training job."""
+
+    records: beam.PCollection
+    dead_letters: beam.PCollection
+    job_id: str
+
+
+def build_training_pipeline(
+    pipeline: beam.Pipeline, options: AEVBOptions, job_id: str | None = None
+) -> TrainingJob:
+    job_id = job_id or uuid.uuid4().hex
+    streaming = options.view_as(StandardOptions).streaming
+    directory = run_dir(options)
+    input_dim, likelihood = input_spec(options)
+    examples, dead_letters = pipeline | "ReadExamples" >> ReadExamples(
+        options.source,
+        input_dim,
+        likelihood,
+        model_key=options.model_key,
+        streaming=streaming,
+        max_examples=options.max_examples,
+        chunk_size=options.chunk_size,
+        poll_interval_seconds=options.poll_interval_seconds,
+        replay=DatasetReplay(
+            options.dataset,
+            data_dir=options.data_dir,
+            fallback=options.fallback_dataset,
+            epochs=options.epochs,
+            examples_per_second=options.examples_per_second,
+            seed=options.seed,
+            skip=checkpointed_examples(directory, options.model_key),
+            scenario=scenario_spec(options),
+        ),
+        job_id=job_id,
+    )
+    evaluation = None
+    if options.evaluate_every_examples:
+        evaluation = TestSetEvaluation(
+            options.dataset,
+            options.data_dir,
+            options.fallback_dataset,
+            options.evaluate_examples,
+            options.seed,
+        )
+    prometheus = exports_metrics(options)
+    records = examples | "TrainVAE" >> TrainVAE(
+        model_config(options),
+        directory,
+        cadence=cadence(options),
+        max_batch_wait_seconds=options.max_batch_wait_seconds,
+        max_examples=options.max_examples,
+        default_key=options.model_key,
+        job_id=job_id,
+        evaluation=evaluation,
+        streaming=streaming,
+        observer_factories=[PrometheusObserver] if prometheus else [],
+        drift=drift_settings(options),
+        reset_optimizer_on_drift=options.adaptation == "reset",
+    )
+    dead_letters = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
+        directory, model_key=options.model_key, prometheus=prometheus
+    )
+    return TrainingJob(records=records, dead_letters=dead_letters, job_id=job_id)
+
+
+def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult | None:
+    """Runs the job until its input ends, --max-examples, or Ctrl-C.
+
+    The first Ctrl-C (or SIGTERM) drains: sources stop, buffered minibatches train, the
+    final checkpoint and snapshot are written, the job ends normally. A second Ctrl-C stops
+    at once, still checkpointing the models open in this process.
+
+    With --metrics-port or --pushgateway, metrics go to Prometheus from this process (see
+    `pipeline.outputs.metrics_export.MetricsExport`), set up before any worker process starts.
+    """
+    aevb_options = options.view_as(AEVBOptions)
+    directory = run_dir(aevb_options)
+    os.makedirs(directory, exist_ok=True)
+    export = None
+    if exports_metrics(aevb_options):
+        export = MetricsExport(
+            address=aevb_options.metrics_address,
+            port=aevb_options.metrics_port,
+            pushgateway=aevb_options.pushgateway,
+            push_job=aevb_options.push_job,
+            push_interval_seconds=aevb_options.push_interval_seconds,
+        ).start()
+    pipeline = beam.Pipeline(options=options)
+    job = build_training_pipeline(pipeline, aevb_options)
+
+    try:
+        return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
+    finally:
+        # Models trained in this process (the local runners' workers) get their final
+        # checkpoint and snapshot here; remote workers checkpoint theirs in DoFn.teardown.
+        closed = close_live_sessions(directory)
+        if closed:
+            logger.info("wrote final checkpoints and snapshots of %d models", closed)
+        if export is not None:
+            export.close()  # after the final snapshots: the last push includes them

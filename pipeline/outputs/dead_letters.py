@@ -1,0 +1,82 @@
+"""Writing and counting dead letters: ``RUN_DIR/dead_letter/dead_letter-<host>-<pid>.jsonl``.
+
+Each line is a JSON object with the `pipeline.ingest.dead_letter.DeadLetter` fields and
+``seen_unix_seconds``. Every letter is counted in the Beam counter
+``aevb/records_rejected_total_<reason>`` and, when the job exports Prometheus metrics, in
+``aevb_records_rejected_total{model, reason}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipeline.ingest.dead_letter import REASONS, DeadLetter
+from pipeline.outputs import metrics
+from pipeline.outputs.jsonl import WorkerJsonLines
+
+__all__ = ["DEAD_LETTER_DIR", "DEAD_LETTER_PREFIX", "WriteDeadLetters"]
+
+DEAD_LETTER_DIR = "dead_letter"
+DEAD_LETTER_PREFIX = "dead_letter"
+
+
+class _WriteDeadLettersFn(beam.DoFn):
+    def __init__(self, run_dir: str, model_key: str, prometheus: bool) -> None:
+        self._run_dir = run_dir
+        self._model_key = model_key
+        self._prometheus = prometheus
+
+    def setup(self) -> None:
+        self._counters = {
+            reason: Metrics.counter(metrics.NAMESPACE, f"records_rejected_total_{reason}")
+            for reason in REASONS
+        }
+        # Dead letters are rare and are what one inspects after a crash: never buffered.
+        self._file = WorkerJsonLines(
+            os.path.join(self._run_dir, DEAD_LETTER_DIR), DEAD_LETTER_PREFIX, flush_every_line=True
+        )
+        if self._prometheus:
+            metrics.init_rejected(self._model_key, REASONS)
+
+    def process(self, letter: DeadLetter) -> Iterator[DeadLetter]:
+        self._file.write({**dataclasses.asdict(letter), "seen_unix_seconds": time.time()})
+        self._counters[letter.reason].inc()
+        if self._prometheus:
+            metrics.count_rejected(self._model_key, letter.reason)
+        yield letter
+
+    def teardown(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Appends dead letters to ``RUN_DIR/dead_letter/`` and counts them (module docstring).
+
+    With ``prometheus`` they also count in ``aevb_records_rejected_total{model=model_key,
+    reason}`` (a rejected record has no trustworthy key of its own: it counts for the job's
+    default model key). The letters pass through unchanged, so callers can count or test
+    them. ``run_dir`` must be a local or mounted directory on every worker.
+    """
+
+    def __init__(self, run_dir: str, model_key: str = "default", prometheus: bool = False) -> None:
+        super().__init__()
+        self._run_dir = os.fspath(run_dir)
+        self._model_key = model_key
+        self._prometheus = prometheus
+        if "://" in self._run_dir:
+            raise ValueError(
+                f"run_dir {self._run_dir!r}: dead letters are appended to files, which needs "
+                "a local or mounted directory, not an object store"
+            )
+
+    def expand(self, letters: beam.PCollection) -> beam.PCollection:
+        return letters | "AppendDeadLetters" >> beam.ParDo(
+            _WriteDeadLettersFn(self._run_dir, self._model_key, self._prometheus)
+        )

@@ -1,0 +1,1 @@
+"""Score: RunInference over snapshots (`model_handler`) and the anomaly flags (`anomalies`)."""

@@ -1,0 +1,220 @@
+"""RunInference over aevb snapshots, following new versions as a streaming job runs.
+
+`SnapshotModelHandler` is a Beam `ModelHandler` over `tf.saved_model.load` (through
+`vae.load`; Beam's own TensorFlow handler cannot load SavedModels with TF >= 2.16,
+apache/beam#30616). It takes a version directory or a model directory; with a model
+directory in a streaming job it follows the newest version:
+
+- polling (``follow``): the loaded model checks the model directory at most every
+  ``poll_interval_seconds`` and, when a newer version is there, loads it and switches
+  between two chunks. Needs only that the workers see the model directory.
+- Beam's model-update side input: `WatchSnapshots` emits `ModelMetadata` for each new
+  version and RunInference reloads through `SnapshotModelHandler.update_model_path`, as
+  with Beam's `WatchFilePattern`. It needs a runner that feeds unbounded side inputs to a
+  running stage (such as Dataflow or Flink).
+
+Either way a record is only ever scored by a complete version: versions appear by atomic
+rename (`pipeline.train.snapshots`), and the model in use is swapped between chunks, never
+inside one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.coders import VarIntCoder
+from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, PredictionResult
+from apache_beam.transforms import trigger, userstate, window
+
+from pipeline.ingest.decode import KeyedChunk
+from pipeline.ingest.sources import WatchFiles
+from vae.snapshot_format import SAVED_MODEL_FILE, version_directories, version_number
+
+__all__ = ["SnapshotModelHandler", "WatchSnapshots"]
+
+logger = logging.getLogger(__name__)
+
+
+class _FollowedModel:
+    """The `vae.LoadedModel` to score with; with `follow`, the newest version of its directory.
+
+    Shared by the DoFn threads of a worker (RunInference caches one per process), hence the
+    lock. A version that fails to load (e.g. pruned between listing and loading) is logged
+    and the current model kept; the next poll tries again.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        follow: bool,
+        poll_interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import vae
+
+        self._load = vae.load
+        self._clock = clock
+        self._model_dir = pathlib.Path(path)
+        self._follow = follow and not (self._model_dir / SAVED_MODEL_FILE).exists()
+        self._interval = poll_interval_seconds
+        self._lock = threading.Lock()
+        self._model = self._load(path)
+        self._next_poll = clock() + poll_interval_seconds
+        logger.info("scoring with %s", self._model.path)
+
+    def current(self):
+        if not self._follow:
+            return self._model
+        with self._lock:
+            if self._clock() >= self._next_poll:
+                self._next_poll = self._clock() + self._interval
+                self._switch_to_newest()
+            return self._model
+
+    def _switch_to_newest(self) -> None:
+        versions = version_directories(self._model_dir)
+        if not versions or int(versions[-1].name) <= (self._model.version or 0):
+            return
+        try:
+            model = self._load(versions[-1])
+        except Exception as error:  # pruned meanwhile, unreadable, ...: keep scoring
+            logger.warning(
+                "cannot load %s, keeping version %s: %s", versions[-1], self._model.version, error
+            )
+            return
+        logger.info("switching from version %s to %s", self._model.version, model.version)
+        self._model = model
+
+
+class SnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _FollowedModel]):
+    """RunInference over aevb snapshots: a `KeyedChunk` in, one `PredictionResult` per row out.
+
+    ``PredictionResult.example`` is ``(key, source, position)``, ``.inference`` is
+    ``{"score": float32, "latent_mean": float32 [J]}`` (from one call of the
+    ``serving_default`` signature: score = -elbo), ``.model_id`` the version directory
+    that scored the row. Chunks come batched from the sources, so RunInference's own
+    batching is skipped.
+
+    Args:
+        model_path: a version directory, or a model directory: its newest version, and with
+            ``follow`` every newer one as it appears (checked every
+            ``poll_interval_seconds``).
+    """
+
+    def __init__(
+        self, model_path: str, follow: bool = False, poll_interval_seconds: float = 2.0
+    ) -> None:
+        super().__init__()
+        self._model_path = os.fspath(model_path)
+        self._follow = follow
+        self._poll_interval = poll_interval_seconds
+
+    def load_model(self) -> _FollowedModel:
+        return _FollowedModel(self._model_path, self._follow, self._poll_interval)
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        # Called by RunInference with each version its model-metadata side input names:
+        # that version is then loaded, and not followed past (the side input moves it on).
+        if model_path:
+            self._model_path = model_path
+            self._follow = False
+
+    def run_inference(
+        self,
+        batch: KeyedChunk,
+        model: _FollowedModel,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        loaded = model.current()  # one version for the whole chunk
+        outputs = loaded.predict(batch.rows)
+        scores = -outputs["elbo"]
+        model_id = os.fspath(loaded.path)
+        positions = batch.positions
+        return [
+            PredictionResult(
+                (batch.key, batch.source, None if positions is None else int(positions[i])),
+                {"score": scores[i], "latent_mean": outputs["latent_mean"][i]},
+                model_id,
+            )
+            for i in range(len(batch.rows))
+        ]
+
+    def should_skip_batching(self) -> bool:
+        return True
+
+    def get_num_bytes(self, batch: KeyedChunk) -> int:
+        return int(batch.rows.nbytes)
+
+    def get_metrics_namespace(self) -> str:
+        return "aevb_score"
+
+
+class _NewestVersionsFn(beam.DoFn):
+    """Keyed ``(model_dir, version_dir)`` -> ModelMetadata of versions newer than any before.
+
+    A version is skipped when a newer complete one is already on disk (it will come too),
+    so a watch that starts on a directory of several versions emits only the newest.
+    """
+
+    NEWEST = userstate.ReadModifyWriteStateSpec("newest", VarIntCoder())
+
+    def process(
+        self, element: tuple[str, str], newest=beam.DoFn.StateParam(NEWEST)
+    ) -> Iterator[ModelMetadata]:
+        model_dir, version_dir = element
+        version = version_number(version_dir)
+        if version is None or version <= (newest.read() or 0):
+            return
+        on_disk = version_directories(model_dir)
+        if on_disk and int(on_disk[-1].name) > version:
+            return
+        newest.write(version)
+        yield ModelMetadata(model_id=version_dir, model_name=str(version))
+
+
+class WatchSnapshots(beam.PTransform):
+    """PBegin -> `ModelMetadata` of each new version of a model directory (unbounded).
+
+    Beam's model-update side input for RunInference (``model_metadata_pcoll``), like Beam's
+    `WatchFilePattern` but on the snapshot layout: a version is announced when its
+    ``saved_model.pb`` is seen (versions appear complete, by rename), newest only, in the
+    global window with a trigger per element.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        poll_interval_seconds: float = 2.0,
+        job_id: str | None = None,
+        stop_after_seconds: float | None = None,
+    ) -> None:
+        super().__init__()
+        self._model_dir = os.fspath(model_dir)
+        self._watch = WatchFiles(
+            os.path.join(self._model_dir, "*", SAVED_MODEL_FILE),
+            poll_interval_seconds=poll_interval_seconds,
+            job_id=job_id,
+            stop_after_seconds=stop_after_seconds,
+        )
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        model_dir = self._model_dir
+        return (
+            pbegin
+            | "WatchVersions" >> self._watch
+            | "KeyByModel" >> beam.Map(lambda path: (model_dir, os.path.dirname(path)))
+            | "NewestOnly" >> beam.ParDo(_NewestVersionsFn())
+            | "EveryVersion"
+            >> beam.WindowInto(
+                window.GlobalWindows(),
+                trigger=trigger.Repeatedly(trigger.AfterCount(1)),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING,
+            )
+        )

@@ -1,0 +1,104 @@
+"""Training-state checkpoints of one model key under `RUN_DIR/checkpoints/<key>/`.
+
+The whole `vae.Trainer` state (parameters, Adagrad accumulators, counters, random generator)
+goes into a `tf.train.Checkpoint`; `tf.train.CheckpointManager` writes it atomically and
+keeps the last few, so a crash mid-write leaves the previous checkpoint usable.
+
+>>> import tempfile, numpy as np, vae
+>>> config = vae.VAEConfig(input_dim=4, latent_dim=2, hidden_dim=8)
+>>> trainer = vae.Trainer(config)
+>>> store = CheckpointStore(tempfile.mkdtemp(), trainer)
+>>> store.restore()            # nothing to restore yet
+False
+>>> _ = trainer.train_step(np.eye(4, dtype=np.float32)); _ = store.save()
+>>> resumed = vae.Trainer(config)
+>>> CheckpointStore(store.directory, resumed).restore(), resumed.examples_seen
+(True, 4)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+
+import tensorflow as tf
+
+import vae
+
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"
+
+
+class CheckpointStore:
+    """Saves and restores one trainer's state in a directory of its own.
+
+    Beside the TensorFlow checkpoint it keeps `state.json` (step, examples seen), which
+    a job reads to resume its source without importing TensorFlow.
+    """
+
+    STATE_FILE = "state.json"
+
+    def __init__(self, directory: str | os.PathLike, trainer: vae.Trainer, max_to_keep: int = 3):
+        self.directory = pathlib.Path(directory)
+        self.trainer = trainer
+        self._manager = tf.train.CheckpointManager(
+            trainer.checkpoint(), os.fspath(self.directory), max_to_keep=max_to_keep
+        )
+
+    @staticmethod
+    def saved_config(directory: str | os.PathLike) -> vae.VAEConfig | None:
+        """The model config a run saved beside its checkpoints, if any."""
+        path = pathlib.Path(directory) / CONFIG_FILE
+        if not path.exists():
+            return None
+        return vae.VAEConfig.from_dict(json.loads(path.read_text()))
+
+    def restore(self) -> bool:
+        """Loads the latest checkpoint into the trainer; False when there is none."""
+        latest = self._manager.latest_checkpoint
+        if latest is None:
+            return False
+        saved = self.saved_config(self.directory)
+        if saved is not None and _architecture(saved) != _architecture(self.trainer.config):
+            raise ValueError(
+                f"checkpoint in {self.directory} is for a different model "
+                f"({_architecture(saved)}), not {_architecture(self.trainer.config)}; "
+                "use another --output or the same model flags"
+            )
+        self._manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        logger.info(
+            "restored %s: step %d, %d examples seen",
+            latest,
+            self.trainer.step,
+            self.trainer.examples_seen,
+        )
+        return True
+
+    def save(self) -> str:
+        """Writes a checkpoint now and returns its path prefix."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config_path = self.directory / CONFIG_FILE
+        if not config_path.exists():
+            config_path.write_text(json.dumps(self.trainer.config.to_dict(), indent=2))
+        prefix = self._manager.save(checkpoint_number=self.trainer.step)
+        state = {"step": self.trainer.step, "examples_seen": self.trainer.examples_seen}
+        staged = self.directory / (self.STATE_FILE + ".tmp")
+        staged.write_text(json.dumps(state))
+        os.replace(staged, self.directory / self.STATE_FILE)
+        return prefix
+
+
+def checkpointed_examples(run_dir: str | os.PathLike, key: str) -> int:
+    """Examples seen by the newest checkpoint of `key` under `run_dir` (0 if none).
+
+    Read from its `state.json`, so a job can resume its source without restoring a model.
+    """
+    state = pathlib.Path(run_dir) / "checkpoints" / key / CheckpointStore.STATE_FILE
+    return json.loads(state.read_text())["examples_seen"] if state.exists() else 0
+
+
+def _architecture(config: vae.VAEConfig) -> dict:
+    fields = ("input_dim", "latent_dim", "hidden_dim", "likelihood")
+    return {name: getattr(config, name) for name in fields}

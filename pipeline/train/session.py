@@ -1,0 +1,344 @@
+"""One model key's training session: resume, test-then-train, checkpoints, snapshots, log.
+
+The Beam trainer holds one session per model key; `aevb` drives the same class, so a run
+behaves the same whichever way it is fed. Layout under `RUN_DIR`:
+
+    checkpoints/<key>/          training state (restored when the session starts)
+    snapshots/<key>/<version>/  SavedModel snapshots (see `pipeline.train.snapshots`)
+    progress.jsonl              one line per logged step, all keys
+
+>>> import tempfile, numpy as np, vae
+>>> run_dir = tempfile.mkdtemp()
+>>> config = vae.VAEConfig(input_dim=4, latent_dim=2, hidden_dim=8, batch_size=2)
+>>> session = TrainingSession(run_dir, "default", config, Cadence(log_every_steps=1))
+>>> record = session.train(np.eye(4, dtype=np.float32)[:2])
+>>> record.examples_seen, session.close().name      # the final snapshot is version 1
+(2, '1')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+import vae
+from pipeline.ingest.keys import validate_model_key
+from pipeline.train.checkpoints import CheckpointStore
+from pipeline.train.drift import DriftDetection, DriftMonitor, DriftSettings
+from pipeline.train.observers import SessionObserver
+from pipeline.train.progress import ProgressLog
+from pipeline.train.records import TrainingRecord
+from pipeline.train.snapshots import SnapshotWriter
+from vae.snapshot_format import read_metadata
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """How often a session logs, checkpoints and snapshots (None disables a trigger)."""
+
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 1000
+    snapshot_every_examples: int | None = None
+    snapshot_every_seconds: float | None = None
+    keep_snapshots: int = 5
+    evaluate_every_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("log_every_steps", "checkpoint_every_steps", "keep_snapshots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in (
+            "snapshot_every_examples",
+            "snapshot_every_seconds",
+            "evaluate_every_examples",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+
+class TrainingSession:
+    """Trains one model key and keeps its run directory current.
+
+    Thread-safe: a worker's threads may share one session per key (see `pipeline.train.trainer`).
+
+    `observers` hear of every record, snapshot and drift detection (`SessionObserver`).
+    With `drift` settings, a `DriftMonitor` watches the test-then-train negative bound; a
+    detection is logged, written to progress.jsonl as a line with a "drift" field, told to
+    the observers, and snapshotted at once (reason "drift"). The detector starts afresh
+    when a session resumes: its state is not checkpointed.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        key: str,
+        config: vae.VAEConfig,
+        cadence: Cadence = Cadence(),
+        progress: ProgressLog | None = None,
+        evaluator: Callable[[vae.VAE], dict[str, Any]] | None = None,
+        clock: Callable[[], float] = time.time,
+        observers: Sequence[SessionObserver] = (),
+        drift: DriftSettings | None = None,
+        reset_optimizer_on_drift: bool = False,
+    ) -> None:
+        self.run_dir = pathlib.Path(run_dir)
+        self.key = validate_model_key(key)
+        self.cadence = cadence
+        self.clock = clock
+        self.trainer = vae.Trainer(config)
+        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints" / key, self.trainer)
+        self.resumed = self.checkpoints.restore()
+        self.snapshots = SnapshotWriter(self.run_dir, key, keep=cadence.keep_snapshots)
+        self.progress = progress or ProgressLog(self.run_dir / "progress.jsonl")
+        self.evaluator = evaluator
+        self._started = time.perf_counter()
+        self._last_snapshot_time = clock()
+        self._last_snapshot_examples = self.trainer.examples_seen
+        self._last_evaluation_examples = self.trainer.examples_seen
+        self._last_checkpoint_step = self.trainer.step
+        self._window = _Window()
+        self._lock = threading.RLock()
+        self.observers = tuple(observers)
+        self._observer_failures: set[tuple[int, str]] = set()
+        self.drift = DriftMonitor(drift) if drift is not None and drift.enabled else None
+        if reset_optimizer_on_drift and self.drift is None:
+            raise ValueError("resetting the optimiser on drift needs a drift detector")
+        self.reset_optimizer_on_drift = reset_optimizer_on_drift
+        self.drift_detections: list[DriftDetection] = []
+        self._notify(
+            "on_open",
+            self.key,
+            self._newest_snapshot_time(),
+            self.drift.thresholds if self.drift else None,
+        )
+
+    @property
+    def examples_seen(self) -> int:
+        return self.trainer.examples_seen
+
+    def train(self, batch: np.ndarray, event_time: float | None = None) -> TrainingRecord:
+        """One test-then-train step on `batch`, then whatever the cadence asks for."""
+        with self._lock:
+            return self._train(batch, event_time)
+
+    def _train(self, batch: np.ndarray, event_time: float | None) -> TrainingRecord:
+        started = time.perf_counter()
+        result = self.trainer.train_step(batch)
+        step_seconds = time.perf_counter() - started
+        now = self.clock()
+        record = TrainingRecord(
+            key=self.key,
+            step=self.trainer.step,
+            examples_seen=self.trainer.examples_seen,
+            batch_size=len(batch),
+            elbo=float(result.elbo.mean()),
+            reconstruction_log_likelihood=float(result.reconstruction_log_likelihood.mean()),
+            kl=float(result.kl.mean()),
+            applied=result.applied,
+            event_time=now if event_time is None else event_time,
+            processing_time=now,
+            wall_seconds=time.perf_counter() - self._started,
+            step_seconds=step_seconds,
+            elbo_per_example=tuple(result.elbo.tolist()),
+        )
+        if not result.applied:
+            logger.warning(
+                "%s: skipped a minibatch of %d examples whose loss or gradients were not finite",
+                self.key,
+                len(batch),
+            )
+        self._window.add(record)
+        self._notify("on_record", record)
+        self._after_step(record)
+        if self.drift is not None and record.applied:
+            self._watch_drift(record)
+        return record
+
+    def _watch_drift(self, record: TrainingRecord) -> None:
+        detection = self.drift.update(
+            -record.elbo, record.examples_seen, key=self.key, step=record.step
+        )
+        for detector, statistic in self.drift.statistics.items():
+            self._notify("on_drift_statistic", self.key, detector, statistic)
+        if detection is None:
+            return
+        self.drift_detections.append(detection)
+        logger.warning(
+            "%s: drift detected by %s at %d examples seen: statistic %.2f > %.2f "
+            "(minibatch negative bound %.2f nats, baseline %.2f)",
+            self.key,
+            detection.detector,
+            detection.examples_seen,
+            detection.statistic,
+            detection.threshold,
+            detection.value,
+            detection.baseline,
+        )
+        self.progress.write(
+            {
+                "key": self.key,
+                "step": self.trainer.step,
+                "examples": detection.examples_seen,
+                "wall_seconds": round(time.perf_counter() - self._started, 3),
+                "drift": detection.to_dict(),
+            }
+        )
+        self._notify("on_drift", detection)
+        self._snapshot("drift")
+        if self.reset_optimizer_on_drift:
+            # After the snapshot, which keeps the model as it was when the data moved.
+            self.trainer.reset_optimizer()
+            logger.info("%s: optimiser state reset (--adaptation reset)", self.key)
+
+    def _notify(self, method: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:  # an observer must never stop training
+                # The traceback once per observer and hook, not on every minibatch.
+                seen = (id(observer), method) in self._observer_failures
+                self._observer_failures.add((id(observer), method))
+                logger.log(
+                    logging.DEBUG if seen else logging.ERROR,
+                    "%s: observer %r failed in %s",
+                    self.key,
+                    observer,
+                    method,
+                    exc_info=not seen,
+                )
+
+    def _newest_snapshot_time(self) -> float:
+        newest = self.snapshots.latest_version()
+        if newest is not None:
+            created = read_metadata(self.snapshots.model_dir / str(newest)).get(
+                "created_unix_seconds"
+            )
+            if created is not None:
+                return float(created)
+        return self.clock()
+
+    def snapshot(self, reason: str) -> pathlib.Path:
+        """Exports the current model as a new snapshot version now."""
+        with self._lock:
+            return self._snapshot(reason)
+
+    def _snapshot(self, reason: str) -> pathlib.Path:
+        path = self.snapshots.write(
+            self.trainer.model,
+            {
+                "key": self.key,
+                "step": self.trainer.step,
+                "examples_seen": self.trainer.examples_seen,
+                "elbo_at_export": self._window.last_elbo,
+                "reason": reason,
+            },
+        )
+        self._last_snapshot_time = self.clock()
+        self._last_snapshot_examples = self.trainer.examples_seen
+        logger.info("%s: snapshot %s (%s)", self.key, path, reason)
+        created = read_metadata(path).get("created_unix_seconds", self._last_snapshot_time)
+        self._notify("on_snapshot", self.key, str(path), reason, float(created))
+        return path
+
+    def checkpoint(self) -> None:
+        with self._lock:
+            self.checkpoints.save()
+        self._last_checkpoint_step = self.trainer.step
+
+    def close(self) -> pathlib.Path | None:
+        """Final log line, checkpoint and snapshot; returns the newest snapshot directory."""
+        with self._lock:
+            return self._close()
+
+    def _close(self) -> pathlib.Path | None:
+        self._log()
+        if self.trainer.step != self._last_checkpoint_step or not self.resumed:
+            self.checkpoint()
+        newest = self.snapshots.latest_version()
+        if newest is None or self.trainer.examples_seen != self._last_snapshot_examples:
+            return self._snapshot("end of run")
+        return self.snapshots.model_dir / str(newest)
+
+    def _after_step(self, record: TrainingRecord) -> None:
+        if record.step - self._last_checkpoint_step >= self.cadence.checkpoint_every_steps:
+            self.checkpoint()
+        every_examples = self.cadence.evaluate_every_examples
+        evaluate_now = (
+            self.evaluator is not None
+            and every_examples is not None
+            and record.examples_seen - self._last_evaluation_examples >= every_examples
+        )
+        if evaluate_now or self._window.steps >= self.cadence.log_every_steps:
+            self._log(evaluate=evaluate_now)
+        due_by_examples = (
+            self.cadence.snapshot_every_examples is not None
+            and record.examples_seen - self._last_snapshot_examples
+            >= self.cadence.snapshot_every_examples
+        )
+        due_by_time = (
+            self.cadence.snapshot_every_seconds is not None
+            and self.clock() - self._last_snapshot_time >= self.cadence.snapshot_every_seconds
+        )
+        if due_by_examples or due_by_time:
+            self._snapshot("every examples" if due_by_examples else "every seconds")
+
+    def _log(self, evaluate: bool = False) -> None:
+        if self._window.steps == 0 and not evaluate:
+            return
+        entry = {
+            "key": self.key,
+            "step": self.trainer.step,
+            "examples": self.trainer.examples_seen,
+            "skipped_steps": self.trainer.skipped_steps,
+            "wall_seconds": round(time.perf_counter() - self._started, 3),
+            **self._window.averages(),
+        }
+        if evaluate:
+            entry.update(self.evaluator(self.trainer.model))
+            self._last_evaluation_examples = self.trainer.examples_seen
+        self.progress.write(entry)
+        self._window = _Window(last_elbo=self._window.last_elbo)
+
+
+@dataclasses.dataclass
+class _Window:
+    """Running sums over the steps since the last progress line."""
+
+    steps: int = 0
+    examples: int = 0
+    elbo: float = 0.0
+    reconstruction: float = 0.0
+    kl: float = 0.0
+    last_elbo: float | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, record: TrainingRecord) -> None:
+        self.steps += 1
+        self.last_elbo = record.elbo
+        if not record.applied or not np.isfinite(record.elbo):
+            return
+        self.examples += record.batch_size
+        self.elbo += record.elbo * record.batch_size
+        self.reconstruction += record.reconstruction_log_likelihood * record.batch_size
+        self.kl += record.kl * record.batch_size
+
+    def averages(self) -> dict[str, float]:
+        if self.examples == 0:
+            return {}
+        return {
+            "elbo": self.elbo / self.examples,
+            "reconstruction_log_likelihood": self.reconstruction / self.examples,
+            "kl": self.kl / self.examples,
+            "examples_per_second": self.examples / (time.perf_counter() - self.started),
+        }

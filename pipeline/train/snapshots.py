@@ -1,0 +1,96 @@
+"""Versioned SavedModel snapshots under `RUN_DIR/snapshots/<model>/<version>/`.
+
+The model directory is a valid TF Serving `model_base_path` at every instant: it holds only
+integer version directories, each a complete SavedModel. A snapshot is written to a staging
+directory beside it (same file system, outside the model directory) and renamed into place,
+so a reader polling the directory -- TF Serving, Beam's WatchFilePattern -- never sees a
+partial model. Versions strictly increase and are never reused, even across restarts and
+after old versions were pruned. Each snapshot carries `assets.extra/aevb.json` and TF
+Serving's warm-up requests, `assets.extra/tf_serving_warmup_requests`: the format is
+`vae.snapshot_format`'s, this module only decides when and where versions appear.
+
+>>> import tempfile, vae
+>>> writer = SnapshotWriter(tempfile.mkdtemp(), "default", keep=2)
+>>> model = vae.VAE(vae.VAEConfig(input_dim=4, latent_dim=2, hidden_dim=8))
+>>> [writer.write(model, {"examples_seen": n}).name for n in (10, 20, 30)]
+['1', '2', '3']
+>>> sorted(p.name for p in writer.model_dir.iterdir())    # only the newest two are kept
+['2', '3']
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from vae.snapshot_format import version_directories
+
+if TYPE_CHECKING:  # TensorFlow: imported by `write` only, so reading the layout stays light
+    import vae
+
+__all__ = ["SnapshotWriter"]
+
+STAGING_DIR = ".staging"
+
+
+class SnapshotWriter:
+    """Exports a model as the next version of `RUN_DIR/snapshots/<model_name>/`."""
+
+    def __init__(self, run_dir: str | os.PathLike, model_name: str, keep: int = 5) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        snapshots = pathlib.Path(run_dir) / "snapshots"
+        self.model_name = model_name
+        self.model_dir = snapshots / model_name
+        self.keep = keep
+        # Staging lives beside the model directories (same file system, so the rename is
+        # atomic) under a name TF Serving would never take for a model.
+        self._staging = snapshots / STAGING_DIR
+        self._high_water_mark = self._staging / f"{model_name}.last_version"
+        self._exporter: vae.Exporter | None = None
+
+    def latest_version(self) -> int | None:
+        versions = version_directories(self.model_dir)
+        return int(versions[-1].name) if versions else None
+
+    def write(self, model: vae.VAE, metadata: dict[str, Any]) -> pathlib.Path:
+        """Exports `model` with `metadata` as a new version; returns its directory."""
+        import vae
+        from vae.snapshot_format import write_metadata, write_warmup_requests
+
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self._staging.mkdir(parents=True, exist_ok=True)
+        version = self._next_version()
+        staging = pathlib.Path(
+            tempfile.mkdtemp(prefix=f"{self.model_name}-{version}-", dir=self._staging)
+        )
+        try:
+            if self._exporter is None or self._exporter.model is not model:
+                self._exporter = vae.Exporter(model)
+            self._exporter.save(staging)
+            write_metadata(staging, self.model_name, version, model.config, metadata)
+            write_warmup_requests(
+                staging, model.config.input_dim, model.config.latent_dim, self.model_name
+            )
+            target = self.model_dir / str(version)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._high_water_mark.write_text(str(version))
+        self._prune()
+        return target
+
+    def _next_version(self) -> int:
+        recorded = int(self._high_water_mark.read_text()) if self._high_water_mark.exists() else 0
+        return max(recorded, self.latest_version() or 0) + 1
+
+    def _prune(self) -> None:
+        for old in version_directories(self.model_dir)[: -self.keep]:
+            # Renamed out first, so a reader sees the version vanish at once, never half-deleted.
+            doomed = pathlib.Path(tempfile.mkdtemp(prefix="pruned-", dir=self._staging)) / old.name
+            os.rename(old, doomed)
+            shutil.rmtree(doomed.parent, ignore_errors=True)

@@ -1,0 +1,339 @@
+"""`TrainVAE`: examples in, training records out -- one model per key, test-then-train.
+
+The composite transform keys its input and hands it to a stateful DoFn. Per key the DoFn
+holds a `TrainingSession` (the model, restored from `RUN_DIR/checkpoints/<key>` when the
+worker starts) and cuts the incoming chunks into minibatches of M examples. The rows that
+do not fill a minibatch wait in Beam state; a processing-time timer trains them as a partial
+minibatch after `max_batch_wait_seconds` (streaming), and the end-of-input timer trains the
+last ones and writes the final checkpoint and snapshot (bounded input, or a drained stream).
+
+Delivery is at-least-once: after a crash, the examples since the last checkpoint are
+trained again when the source replays them.
+
+    records = (
+        pipeline
+        | ReplayDataset("mnist", chunk_size=1000, max_examples=10**6)
+        | TrainVAE(VAEConfig(), run_dir="runs/mnist")
+    )
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.typehints import Any as AnyHint
+from apache_beam.typehints import Tuple
+from apache_beam.utils.timestamp import Timestamp
+
+import vae
+from pipeline.ingest import lifecycle
+from pipeline.ingest.keys import validate_model_key
+from pipeline.train.checkpoints import checkpointed_examples
+from pipeline.train.counters import BeamCounters
+from pipeline.train.drift import DriftSettings
+from pipeline.train.observers import SessionObserver
+from pipeline.train.records import TrainingRecord
+from pipeline.train.session import Cadence, TrainingSession
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSetEvaluation:
+    """Which held-out data the trainer evaluates every `evaluate_every_examples`."""
+
+    dataset: str
+    data_dir: str | None = None
+    fallback: str | None = None
+    examples: int = 10_000
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSpec:
+    """Everything a trainer worker needs; pickled into the DoFn."""
+
+    run_dir: str
+    config: vae.VAEConfig
+    cadence: Cadence = Cadence()
+    max_batch_wait_seconds: float = 5.0
+    max_examples: int | None = None
+    job_id: str | None = None
+    evaluation: TestSetEvaluation | None = None
+    streaming: bool = False
+    # Called in each worker process: observers its sessions tell besides the Beam counters.
+    observer_factories: tuple[Callable[[], SessionObserver], ...] = ()
+    drift: DriftSettings | None = None
+    reset_optimizer_on_drift: bool = False
+
+
+class TrainVAE(beam.PTransform):
+    """PCollection of examples -> PCollection of `TrainingRecord`s, one per minibatch.
+
+    Elements may be one example (1-D array of D values), a chunk of examples ([k, D]),
+    either of those paired with a model key: `(key, example_or_chunk)`, or the
+    `pipeline.ingest.read.KeyedChunk`s of the read path. Chunks are far cheaper: Beam's
+    per-element cost is of the order of one example's training step.
+
+    Every session counts in Beam counters (`pipeline.train.counters`); each of
+    `observer_factories` is called once per session in the worker process to add an
+    observer of its own (the jobs pass `pipeline.outputs.metrics.PrometheusObserver`).
+    """
+
+    def __init__(
+        self,
+        config: vae.VAEConfig,
+        run_dir: str,
+        cadence: Cadence = Cadence(),
+        max_batch_wait_seconds: float = 5.0,
+        max_examples: int | None = None,
+        default_key: str = "default",
+        job_id: str | None = None,
+        evaluation: TestSetEvaluation | None = None,
+        streaming: bool = False,
+        clock: Callable[[], float] = time.time,
+        observer_factories: Sequence[Callable[[], SessionObserver]] = (),
+        drift: DriftSettings | None = None,
+        reset_optimizer_on_drift: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spec = TrainerSpec(
+            run_dir=run_dir,
+            config=config,
+            cadence=cadence,
+            max_batch_wait_seconds=max_batch_wait_seconds,
+            max_examples=max_examples,
+            job_id=job_id,
+            evaluation=evaluation,
+            streaming=streaming,
+            observer_factories=tuple(observer_factories),
+            drift=drift,
+            reset_optimizer_on_drift=reset_optimizer_on_drift,
+        )
+        self.default_key = validate_model_key(default_key)
+        self.clock = clock
+
+    def expand(self, examples: beam.PCollection) -> beam.PCollection:
+        return (
+            examples
+            | "KeyChunks"
+            >> beam.Map(
+                as_keyed_chunk, self.default_key, self.spec.config.input_dim
+            ).with_output_types(Tuple[str, AnyHint])
+            | "TrainPerKey" >> beam.ParDo(TrainerDoFn(self.spec, self.clock))
+        )
+
+
+def as_keyed_chunk(element: Any, default_key: str, input_dim: int) -> tuple[str, np.ndarray]:
+    """(key, float32 [k, D]) from any element form `TrainVAE` accepts."""
+    key, values = element if isinstance(element, tuple) else (default_key, element)
+    chunk = np.asarray(values, dtype=np.float32)
+    if chunk.ndim == 1:
+        chunk = chunk[np.newaxis, :]
+    if chunk.ndim != 2 or chunk.shape[1] != input_dim:
+        raise ValueError(
+            f"TrainVAE expects examples of {input_dim} values, got an array of shape "
+            f"{chunk.shape}; validate input upstream (pipeline.ingest.validation) so bad records "
+            "go to the dead-letter output"
+        )
+    return str(key), chunk
+
+
+class TrainerDoFn(beam.DoFn):
+    """Stateful per-key trainer. Beam state holds the partial minibatch; the model itself
+    lives in the worker (one `TrainingSession` per key) and persists through checkpoints,
+    as a model that size cannot travel through Beam state at every step."""
+
+    PENDING = BagStateSpec("pending_rows", PickleCoder())
+    FLUSH = TimerSpec("flush_partial_minibatch", beam.TimeDomain.REAL_TIME)
+    END_OF_INPUT = TimerSpec("end_of_input", beam.TimeDomain.WATERMARK)
+
+    def __init__(self, spec: TrainerSpec, clock: Callable[[], float] = time.time) -> None:
+        self.spec = spec
+        self.clock = clock
+        # examples_total, train_steps_total, skipped_steps_total_<reason>, snapshots_total
+        # and drift_detections_total are counted by the sessions' `BeamCounters` observer.
+        self.dropped_counter = Metrics.counter("aevb", "examples_beyond_max_examples")
+
+    def setup(self) -> None:
+        self._sessions: dict[str, TrainingSession] = {}
+        self._test_data = None
+        if self.spec.evaluation is not None and self.spec.cadence.evaluate_every_examples:
+            self._test_data = _test_data(self.spec.evaluation)
+
+    def process(
+        self,
+        element: tuple[str, np.ndarray],
+        timestamp=beam.DoFn.TimestampParam,
+        pending=beam.DoFn.StateParam(PENDING),
+        flush=beam.DoFn.TimerParam(FLUSH),
+        end_of_input=beam.DoFn.TimerParam(END_OF_INPUT),
+    ) -> Iterator[TrainingRecord]:
+        key, chunk = element
+        session = self._session(key)
+        buffered = list(pending.read())
+        rows = np.concatenate([*buffered, chunk]) if buffered else chunk
+        rows = self._within_limit(session, rows)
+        batch_size = self.spec.config.batch_size
+        full = len(rows) - len(rows) % batch_size
+        for start in range(0, full, batch_size):
+            yield self._train(session, rows[start : start + batch_size], timestamp)
+        remainder = rows[full:]
+        pending.clear()
+        if len(remainder):
+            pending.add(remainder)
+            if not buffered:
+                # The wait runs from the first row of a partial minibatch, not the last.
+                flush.set(Timestamp.of(self.clock() + self.spec.max_batch_wait_seconds))
+        end_of_input.set(GlobalWindow().max_timestamp())
+        self._stop_if_done(session)
+
+    @on_timer(FLUSH)
+    def flush_partial_minibatch(
+        self, key=beam.DoFn.KeyParam, pending=beam.DoFn.StateParam(PENDING)
+    ) -> Iterator[TrainingRecord]:
+        yield from self._train_pending(key, pending)
+
+    @on_timer(END_OF_INPUT)
+    def end_of_input(
+        self, key=beam.DoFn.KeyParam, pending=beam.DoFn.StateParam(PENDING)
+    ) -> Iterator[TrainingRecord]:
+        yield from self._train_pending(key, pending)
+        if self.spec.streaming:
+            # FnApiRunner runs a stream in rounds and advances the watermark to the end of
+            # time after each one, so in streaming this timer does not mean the input ended:
+            # keep the model (`finish_bundle` made the round durable). The job closes its
+            # sessions when it really ends (`close_live_sessions`).
+            return
+        # Restored from the checkpoint when another worker process trained the key.
+        session = self._session(key)
+        del self._sessions[key]
+        _close(session)
+
+    def start_bundle(self) -> None:
+        # Looked up again in every bundle: another worker may have trained a key meanwhile.
+        self._sessions = {}
+
+    def finish_bundle(self) -> None:
+        # Every bundle leaves its keys' models on disk: FnApiRunner with several workers
+        # hands the bundles of a stateful stage to its workers in turn, so a key's next
+        # bundle (its timers too) may run in another process, which restores this checkpoint.
+        for session in self._sessions.values():
+            session.checkpoint()
+
+    def teardown(self) -> None:
+        # Not the end of the run: runners may discard a DoFn instance after any bundle
+        # (BundleBasedDirectRunner does after every one). The models, saved at the end of
+        # each bundle, stay open in the process; the end-of-input timer (bounded input) or
+        # the job (`close_live_sessions`) writes their final checkpoint and snapshot.
+        self._sessions = {}
+
+    def _train_pending(self, key: str, pending) -> Iterator[TrainingRecord]:
+        buffered = list(pending.read())
+        pending.clear()
+        if not buffered:
+            return
+        session = self._session(key)
+        rows = self._within_limit(session, np.concatenate(buffered))
+        if len(rows):
+            yield self._train(session, rows, Timestamp.of(self.clock()))
+        # A partial minibatch can be the one that reaches max_examples.
+        self._stop_if_done(session)
+
+    def _train(self, session: TrainingSession, batch: np.ndarray, timestamp) -> TrainingRecord:
+        return session.train(batch, event_time=float(timestamp))
+
+    def _within_limit(self, session: TrainingSession, rows: np.ndarray) -> np.ndarray:
+        if self.spec.max_examples is None:
+            return rows
+        room = max(0, self.spec.max_examples - session.examples_seen)
+        if room < len(rows):
+            self.dropped_counter.inc(len(rows) - room)
+        return rows[:room]
+
+    def _stop_if_done(self, session: TrainingSession) -> None:
+        limit = self.spec.max_examples
+        if limit is not None and session.examples_seen >= limit and self.spec.job_id:
+            lifecycle.request_stop(self.spec.job_id)
+
+    def _session(self, key: str) -> TrainingSession:
+        session = self._sessions.get(key)
+        if session is None:
+            evaluator = None
+            if self._test_data is not None:
+                evaluator = _test_bound_evaluator(self._test_data, self.spec.evaluation.seed)
+            session = _open_session(self.spec, validate_model_key(key), evaluator, self.clock)
+            self._sessions[key] = session
+        return session
+
+
+@functools.cache
+def _test_data(evaluation: TestSetEvaluation) -> np.ndarray:
+    """Loaded once per process, however many DoFn instances the runner makes."""
+    from pipeline.ingest.datasets import load_dataset
+
+    dataset = load_dataset(evaluation.dataset, evaluation.data_dir, fallback=evaluation.fallback)
+    return dataset.test[: evaluation.examples]
+
+
+def _test_bound_evaluator(test_data: np.ndarray, seed: int):
+    def evaluator(model: vae.VAE) -> dict[str, float]:
+        result = vae.evaluate(model, test_data, seed=seed)
+        return {"test_elbo": result.elbo, "test_examples": len(test_data)}
+
+    return evaluator
+
+
+# One session per (run directory, key) in a process: two DoFn instances that meet the same
+# key in one worker (threaded harnesses) share its model instead of forking it.
+_live_sessions: dict[tuple[str, str], TrainingSession] = {}
+_live_lock = threading.Lock()
+
+
+def _open_session(
+    spec: TrainerSpec, key: str, evaluator, clock: Callable[[], float]
+) -> TrainingSession:
+    with _live_lock:
+        session = _live_sessions.get((spec.run_dir, key))
+        if session is None or session.examples_seen < checkpointed_examples(spec.run_dir, key):
+            # New here, or another worker process trained the key further since: restore.
+            session = TrainingSession(
+                spec.run_dir,
+                key,
+                spec.config,
+                spec.cadence,
+                evaluator=evaluator,
+                clock=clock,
+                observers=[BeamCounters(), *(make() for make in spec.observer_factories)],
+                drift=spec.drift,
+                reset_optimizer_on_drift=spec.reset_optimizer_on_drift,
+            )
+            _live_sessions[(spec.run_dir, key)] = session
+        return session
+
+
+def _close(session: TrainingSession) -> None:
+    with _live_lock:
+        _live_sessions.pop((str(session.run_dir), session.key), None)
+    session.close()
+
+
+def close_live_sessions(run_dir: str) -> int:
+    """Checkpoints and snapshots every session of `run_dir` still open in this process."""
+    with _live_lock:
+        sessions = [s for (directory, _), s in _live_sessions.items() if directory == run_dir]
+    for session in sessions:
+        _close(session)
+    return len(sessions)
