@@ -5,7 +5,6 @@ stderr are the contract; everything else calls `pipeline.cli.main.main` in-proce
 the ~5 s TensorFlow import of a subprocess per call.
 """
 
-import inspect
 import json
 import math
 import os
@@ -20,7 +19,7 @@ import tensorflow as tf
 from shared_data import SHARED, needs_data
 
 import vae
-from pipeline.cli.main import main as cli
+from pipeline.cli import main as cli
 from pipeline.ingest.datasets import load_dataset
 from pipeline.train.progress import read_progress
 from vae.snapshot_format import read_metadata, version_directories
@@ -253,16 +252,29 @@ def test_evaluate_prints_one_json_object(mnist_run: dict, capsys: pytest.Capture
 # --- bench ---------------------------------------------------------------------------------
 
 
-def test_bench_drift_defaults_are_the_benchmarks_own() -> None:
-    """The parser repeats drift_bench's defaults (importing it would import TensorFlow)."""
-    from benchmarks import drift as drift_bench
-
-    args = cli.build_parser().parse_args(["bench", "drift"])
-    assert args.stationary_examples == drift_bench.STATIONARY_EXAMPLES
-    defaults = inspect.signature(drift_bench.drift_benchmark).parameters
-    assert args.stationary_examples == defaults["stationary_examples"].default
-    assert args.phase_examples == defaults["phase_examples"].default
-    assert args.policies.split(",") == list(drift_bench.POLICIES)
+def test_bench_pipeline_times_job_and_trainer_with_one_config(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Every model flag reaches the job, not only some: its checkpoint's config is the
+    trainer's, with flags away from their defaults; the two sides alternate per repeat."""
+    argv = [
+        "bench", "pipeline", "--json", "--dataset", "mnist-5k", "--examples", "3000",
+        "--repeats", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "50",
+        "--estimator", "A", "--samples-per-example", "2", "--weight-decay", "0.001",
+        "--adaptation", "decay", "--half-life-examples", "5000", "--seed", "3",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    config = vae.VAEConfig.from_dict(result["config"])
+    assert config.estimator == "monte_carlo_kl" and config.samples_per_example == 2
+    assert config.weight_decay == 0.001 and config.accumulator_half_life_examples == 5000
+    assert vae.VAEConfig.from_dict(result["job_config"]) == config
+    assert len(result["runs_pipeline_samples_per_second"]) == 2
+    assert len(result["runs_trainer_samples_per_second"]) == 2
+    assert result["ratio"] == pytest.approx(
+        result["pipeline_samples_per_second"] / result["trainer_samples_per_second"]
+    )
 
 
 def test_bench_trainer_json(capsys: pytest.CaptureFixture) -> None:

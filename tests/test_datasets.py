@@ -21,11 +21,16 @@ from pipeline.ingest.datasets import (
     CorruptDataError,
     Dataset,
     DataUnavailableError,
-    find_data_file,
     load_dataset,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def find_data_file(relative_path: str, data_dir=None, *, download: bool = True) -> pathlib.Path:
+    """The checksum-verified path the loaders would read one data file from."""
+    (path,), _ = datasets._locate_all([relative_path], data_dir, download)
+    return path
 
 
 MNIST_FILES = (

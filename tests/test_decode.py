@@ -1,6 +1,5 @@
-"""Tests for pipeline.ingest.decode, pipeline.ingest.validation and pipeline.ingest.dead_letter."""
+"""Tests for decoding, validation and dead letters (pipeline.ingest, pipeline.outputs)."""
 
-import doctest
 import io
 import json
 import pathlib
@@ -15,25 +14,17 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.ingest import dead_letter
-
-from pipeline.ingest import decode
-
-from pipeline.ingest import validation
-from pipeline.ingest.dead_letter import (
-    DEAD_LETTER_TAG,
-    EXCERPT_CHARS,
-    DeadLetter,
-    WriteDeadLetters,
-)
+from pipeline.ingest.dead_letter import DEAD_LETTER_TAG, EXCERPT_CHARS, DeadLetter
 from pipeline.ingest.decode import (
     CHUNK_ROWS,
     DecodeFiles,
     DecodeRecords,
+    KeyedChunk,
     ValidateChunks,
     decode_file,
 )
 from pipeline.ingest.validation import validate_rows
+from pipeline.outputs.dead_letters import WriteDeadLetters
 
 D = 4
 
@@ -49,7 +40,8 @@ def _decode(name: str, data: bytes, likelihood: str = "bernoulli", input_dim: in
         if isinstance(item, DeadLetter):
             letters.append(item)
         else:
-            key, chunk = item
+            assert isinstance(item, KeyedChunk) and item.source == name
+            key, chunk = item.key, item.rows
             assert chunk.dtype == np.float32 and chunk.flags.c_contiguous
             assert chunk.ndim == 2 and chunk.shape[1] == input_dim and len(chunk) >= 1
             chunks.append((key, chunk))
@@ -430,8 +422,8 @@ def test_write_dead_letters_appends_json_lines_and_counts_reasons(tmp_path) -> N
 # --- Beam DoFns -----------------------------------------------------------------------------
 
 
-def _as_lists(kv):
-    key, chunk = kv
+def _as_lists(chunk: KeyedChunk):
+    key, chunk = chunk.key, chunk.rows
     assert chunk.dtype == np.float32 and chunk.flags.c_contiguous
     return key, chunk.tolist()
 
@@ -486,7 +478,7 @@ def test_decode_records_batches_keys_and_rejects() -> None:
         )
         rows = (
             outputs[None]
-            | beam.FlatMap(lambda kv: [(kv[0], row) for row in _as_lists(kv)[1]])
+            | beam.FlatMap(lambda chunk: [(chunk.key, row) for row in _as_lists(chunk)[1]])
             | beam.Map(lambda kv: (kv[0], [round(v, 6) for v in kv[1]]))
         )
         assert_that(
@@ -514,9 +506,8 @@ def test_decode_records_batches_keys_and_rejects() -> None:
         )
 
 
-def _chunk_summary(kv, timestamp=beam.DoFn.TimestampParam):
-    _, chunk = kv
-    return len(chunk), float(chunk[:, 0].max()), float(timestamp)
+def _chunk_summary(chunk: KeyedChunk, timestamp=beam.DoFn.TimestampParam):
+    return len(chunk), float(chunk.rows[:, 0].max()), float(timestamp)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -566,9 +557,3 @@ def test_validate_chunks_passes_valid_rows_and_rejects_the_rest() -> None:
             equal_to([("dataset:x", "non_finite", "chunk row 1: inf,0")]),
             label="DeadLetters",
         )
-
-
-@pytest.mark.parametrize("module", [dead_letter, decode, validation])
-def test_docstring_examples(module) -> None:
-    result = doctest.testmod(module, raise_on_error=False, verbose=False)
-    assert result.attempted > 0 and result.failed == 0

@@ -19,9 +19,9 @@ import yaml
 from apache_beam.options.pipeline_options import PipelineOptions
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.outputs import metrics
-from pipeline.jobs.train import build_training_pipeline
 from pipeline.jobs.options import AEVBOptions
+from pipeline.jobs.train import build_training_pipeline
+from pipeline.outputs import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"

@@ -309,15 +309,6 @@ def test_session_logs_snapshots_and_tells_observers_on_drift(
     assert len([e for e in recorder.events if e[0] == "record"]) == 300
 
 
-@pytest.mark.parametrize("name", ["pipeline.train.drift", "pipeline.train.observers"])
-def test_docstring_examples(name: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), verbose=False, report=True)
-    assert result.failed == 0 and result.attempted > 0, result
-
-
 def test_flags_make_the_settings(tmp_path: pathlib.Path, capsys) -> None:
     from pipeline.cli import main as cli
     from pipeline.jobs.options import AEVBOptions, drift_settings, exports_metrics

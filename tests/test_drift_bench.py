@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import vae
-from pipeline.ingest.datasets import load_dataset
 from benchmarks.drift import (
     LEVEL_WINDOW,
     POLICIES,
@@ -21,6 +20,7 @@ from benchmarks.drift import (
     policy_config,
     recovery_examples,
 )
+from pipeline.ingest.datasets import load_dataset
 from pipeline.jobs.options import AEVBOptions, model_config
 
 

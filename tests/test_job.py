@@ -1,4 +1,4 @@
-"""Tests of the whole training job (pipeline.jobs.train): sources to snapshots, runners, and the CLI.
+"""Tests of the whole training job (pipeline.jobs.train): sources to snapshots, runners, CLI.
 
 The jobs run on Beam's FnApiRunner in this process unless a test is about another runner or
 about the `aevb` console script (subprocesses: ~5 s of imports each). Models are tiny
@@ -24,13 +24,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from shared_data import SHARED, needs_data
 
 import vae
-from pipeline.jobs import train as job_module
 from pipeline.ingest import lifecycle
-from pipeline.train.checkpoints import CheckpointStore
 from pipeline.ingest.datasets import load_dataset
 from pipeline.ingest.dead_letter import REASONS
-from pipeline.jobs.train import run_training
+from pipeline.jobs import train as job_module
 from pipeline.jobs.options import AEVBOptions, model_config
+from pipeline.jobs.train import run_training
+from pipeline.train.checkpoints import CheckpointStore
 from pipeline.train.progress import read_progress
 from vae.snapshot_format import read_metadata, version_directories
 

@@ -6,9 +6,11 @@ multiprocess mode runs in subprocesses, as the trainer's worker processes do.
 """
 
 import http.server
+import inspect
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import threading
@@ -20,13 +22,13 @@ import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.ingest.dead_letter import REASONS, DeadLetter
-from pipeline.outputs import metrics, metrics_export
+from pipeline.outputs import metrics, metrics_export, prometheus_families
 from pipeline.outputs.dead_letters import WriteDeadLetters
-from pipeline.train import counters
+from pipeline.train.counters import beam_counter_name
 from pipeline.train.drift import DriftDetection
 from pipeline.train.records import TrainingRecord
 
@@ -108,21 +110,85 @@ def test_observer_exposes_every_metric_with_a_model_label() -> None:
             assert "model" in dict(labels) and set(dict(labels)) <= allowed, (name, labels)
 
 
+def _without_created(text: str) -> str:
+    """An exposition with the ``_created`` timestamps (when each series was made) blanked."""
+    return re.sub(r"(?m)^(\w+_created(?:\{[^}]*\})?) \S+$", r"\1 T", text)
+
+
 def test_observe_many_matches_one_observation_at_a_time() -> None:
-    registry = CollectorRegistry()
     buckets = metrics.NEGATIVE_ELBO_BUCKETS
-    one = Histogram("one_nats", "d", ["model"], buckets=buckets, registry=registry)
-    many = Histogram("many_nats", "d", ["model"], buckets=buckets, registry=registry)
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    one = Histogram("x_nats", "d", ["model"], buckets=buckets, registry=theirs)
+    many = prometheus_families.HistogramFamily("x_nats", "d", ["model"], ours, buckets=buckets)
     rng = np.random.default_rng(0)
     values = np.concatenate(
         [rng.normal(120, 40, 500), np.asarray(buckets), [-5000.0, 1e6, np.nan, np.inf]]
     )
-    for value in values[np.isfinite(values)]:
+    finite = values[np.isfinite(values)]
+    for value in finite:
         one.labels(model="m").observe(float(value))
-    metrics.observe_many(many.labels(model="m"), values)
-    one_child, many_child = one.labels(model="m"), many.labels(model="m")
-    assert [b.get() for b in many_child._buckets] == [b.get() for b in one_child._buckets]
-    assert many_child._sum.get() == pytest.approx(one_child._sum.get())
+    many.labels(model="m").observe_many(values)
+    # prometheus-client's histogram, one observation at a time: the same bucket counts.
+    text = generate_latest(ours).decode()
+    assert _without_created(text) == _without_created(generate_latest(theirs).decode())
+    assert _value(text, "x_nats_bucket", model="m", le="100.0") == np.sum(finite <= 100.0)
+    assert _value(text, "x_nats_count", model="m") == finite.size
+    # Neither exposes _sum with negative buckets (a falling sum would look like a reset).
+    assert many.labels(model="m").total() == pytest.approx(sum(finite.tolist()))
+
+
+def _prometheus_client_twin(family: prometheus_families.MetricFamily, registry: CollectorRegistry):
+    """prometheus-client's own metric with `family`'s name, help, labels and buckets."""
+    if family.type == "counter":
+        return Counter(family.name, family.documentation, family.labelnames, registry=registry)
+    if family.type == "gauge":
+        return Gauge(
+            family.name,
+            family.documentation,
+            family.labelnames,
+            registry=registry,
+            multiprocess_mode=family.multiprocess_mode,
+        )
+    return Histogram(
+        family.name,
+        family.documentation,
+        family.labelnames,
+        registry=registry,
+        buckets=family.buckets,
+    )
+
+
+def _exercise(metric, family: prometheus_families.MetricFamily) -> None:
+    """The same updates on `family` (when `metric` is it) or on its prometheus-client twin,
+    which observes one value at a time. Runs in subprocesses too (`_TWINS`)."""
+    values = [-3000.0, -2000.0, -1.0, 0.0, 0.001, 0.0075, 12.5, 100.0, 130.0, 5000.0, 1e9]
+    for i in range(2):
+        series = metric.labels(**{name: f"{name}-{i}" for name in family.labelnames})
+        if family.type == "counter":
+            series.inc(3 * i)
+            series.inc(0.5)
+        elif family.type == "gauge":
+            series.set(2.5)
+            series.set(-1.0 * i)
+        elif metric is family:
+            series.observe(values[0])
+            series.observe_many(np.asarray(values[1:]) * (i + 1))
+        else:
+            for value in [values[0], *(v * (i + 1) for v in values[1:])]:
+                series.observe(value)
+
+
+def test_families_expose_as_prometheus_client_metrics() -> None:
+    """Single-process mode: our families' exposition is prometheus-client's own."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    families = metrics.Families(registry=ours).all()
+    assert len(families) == 14
+    for family in families:
+        _exercise(family, family)
+        _exercise(_prometheus_client_twin(family, theirs), family)
+    text = generate_latest(ours).decode()
+    assert _without_created(text) == _without_created(generate_latest(theirs).decode())
+    assert "aevb_examples_created{" in text  # the _created series are compared as well
 
 
 def test_negative_elbo_buckets_are_not_latency_defaults() -> None:
@@ -134,7 +200,7 @@ def test_negative_elbo_buckets_are_not_latency_defaults() -> None:
 
 _WORKER = """
 import os, sys, time
-from pipeline.outputs import metrics
+from pipeline.outputs import metrics, prometheus_families
 from pipeline.train.records import TrainingRecord
 assert metrics.use_multiprocess_dir(sys.argv[1])
 observer = metrics.PrometheusObserver()
@@ -147,10 +213,12 @@ metrics.count_rejected("shared", "wrong_width", 2)
 """
 
 
-def _python(script: str, *args: object) -> list[str]:
-    """Runs `script` in a fresh interpreter without a multiprocess directory set; its
-    printed words."""
+def _python(script: str, *args: object, inherited_dir: pathlib.Path | None = None) -> list[str]:
+    """Runs `script` in a fresh interpreter; its printed words. The multiprocess directory
+    is not set, or `inherited_dir` when given (as a worker process inherits it)."""
     env = {k: v for k, v in os.environ.items() if k != metrics.MULTIPROC_ENV}
+    if inherited_dir is not None:
+        env[metrics.MULTIPROC_ENV] = str(inherited_dir)
     return subprocess.run(
         [sys.executable, "-c", script, *map(str, args)],
         check=True,
@@ -162,20 +230,28 @@ def _python(script: str, *args: object) -> list[str]:
     ).stdout.split()
 
 
-def _run_worker(directory: pathlib.Path, snapshot: float, steps: int, elbo: float) -> None:
-    _python(_WORKER, directory, snapshot, steps, elbo)
+def _run_worker(
+    directory: pathlib.Path, snapshot: float, steps: int, elbo: float, inherited: bool = False
+) -> None:
+    _python(
+        _WORKER, directory, snapshot, steps, elbo, inherited_dir=directory if inherited else None
+    )
+
+
+def _aggregate(directory: pathlib.Path) -> str:
+    """The exposition of every process's values in `directory`, as the driver serves it."""
+    registry = CollectorRegistry()
+    metrics.multiprocess.MultiProcessCollector(registry, path=str(directory))
+    return generate_latest(registry).decode()
 
 
 def test_worker_processes_are_aggregated(tmp_path: pathlib.Path) -> None:
+    # A driver-like process switching after import, then a worker inheriting the directory.
     _run_worker(tmp_path, snapshot=100.0, steps=3, elbo=-150.0)
-    _run_worker(tmp_path, snapshot=200.0, steps=5, elbo=-120.0)  # the later process
+    _run_worker(tmp_path, snapshot=200.0, steps=5, elbo=-120.0, inherited=True)  # later
     assert len(list(tmp_path.glob("counter_*.db"))) == 2  # one file per process
 
-    registry = CollectorRegistry()
-    metrics.multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
-    from prometheus_client import generate_latest
-
-    text = generate_latest(registry).decode()
+    text = _aggregate(tmp_path)
     # Counters and histograms are summed over processes ...
     assert _value(text, "aevb_examples_total", model="shared") == 800
     assert _value(text, "aevb_train_steps_total", model="shared") == 8
@@ -192,14 +268,58 @@ def test_multiprocess_mode_cannot_be_chosen_after_metrics_exist(tmp_path: pathli
         "print(metrics.use_multiprocess_dir(sys.argv[1]), metrics.multiprocess_dir())"
     )
     assert _python(script, tmp_path) == ["False", "None"]
-    # Chosen before any metric exists, and again by a second job in the same process.
+    # Chosen before any metric exists, and again by a second job in the same process: its
+    # values go on to the same file (mapped once), exported with the first job's.
     script = (
-        "import sys; from pipeline.outputs import metrics; from prometheus_client import values; "
-        "first = metrics.use_multiprocess_dir(sys.argv[1]); chosen = values.ValueClass; "
-        "metrics.families(); again = metrics.use_multiprocess_dir(sys.argv[1]); "
-        "print(first, again, values.ValueClass is chosen, chosen._multiprocess)"
+        "import sys; from pipeline.outputs import metrics; "
+        "first = metrics.use_multiprocess_dir(sys.argv[1]); "
+        "metrics.families().examples.labels(model='first').inc(); "
+        "again = metrics.use_multiprocess_dir(sys.argv[1]); "
+        "metrics.families().examples.labels(model='again').inc(2); print(first, again)"
     )
-    assert _python(script, tmp_path) == ["True", "True", "True", "True"]
+    assert _python(script, tmp_path) == ["True", "True"]
+    assert len(list(tmp_path.glob("counter_*.db"))) == 1
+    text = _aggregate(tmp_path)
+    assert _value(text, "aevb_examples_total", model="first") == 1
+    assert _value(text, "aevb_examples_total", model="again") == 2
+
+
+# After the imports and the two functions above.
+_TWINS = """
+if sys.argv[1] == "ours":  # switched after import, as the driver does
+    assert metrics.use_multiprocess_dir(sys.argv[2])
+    for family in metrics.families().all():
+        _exercise(family, family)
+else:  # prometheus-client's own: the directory was set before prometheus-client's import
+    registry = CollectorRegistry()
+    for family in metrics.Families(registry=None, values=values.MutexValue).all():
+        _exercise(_prometheus_client_twin(family, registry), family)
+"""
+
+
+def test_multiprocess_files_are_prometheus_client_ones(tmp_path: pathlib.Path) -> None:
+    """Multiprocess mode: the files, aggregated, read as prometheus-client's own metrics'."""
+    script = "\n".join(
+        [
+            "import sys",
+            "import numpy as np",
+            "from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values",
+            "from pipeline.outputs import metrics, prometheus_families",
+            inspect.getsource(_prometheus_client_twin),
+            inspect.getsource(_exercise),
+            _TWINS,
+        ]
+    )
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "theirs").mkdir()
+    _python(script, "ours", tmp_path / "ours")
+    _python(script, "theirs", tmp_path / "theirs", inherited_dir=tmp_path / "theirs")
+    ours, theirs = _aggregate(tmp_path / "ours"), _aggregate(tmp_path / "theirs")
+    assert _samples(ours) == _samples(theirs)  # names, labels, values
+    assert _value(ours, "aevb_negative_elbo_nats_count", model="model-1") == 11
+    assert {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(ours)} == {
+        f.name: (f.type, f.documentation) for f in text_string_to_metric_families(theirs)
+    }
 
 
 # --- serving and pushing --------------------------------------------------------------------
@@ -314,8 +434,8 @@ def test_dead_letters_count_in_prometheus_and_beam(tmp_path: pathlib.Path) -> No
     counters = result.metrics().query(MetricsFilter().with_namespace("aevb"))["counters"]
     beam_counts = {c.key.metric.name: c.committed for c in counters if c.committed}
     assert beam_counts == {
-        counters.beam_counter_name("aevb_records_rejected_total", "wrong_width"): 2,
-        counters.beam_counter_name("aevb_records_rejected_total", "non_numeric"): 1,
+        beam_counter_name("aevb_records_rejected_total", "wrong_width"): 2,
+        beam_counter_name("aevb_records_rejected_total", "non_numeric"): 1,
     }
 
 

@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 
 import vae
-from pipeline.cli.main import main as cli
+from pipeline.cli import main as cli
 from pipeline.outputs import figures as report
 from pipeline.train.progress import ProgressLog
 from pipeline.train.session import Cadence, TrainingSession

@@ -1,4 +1,4 @@
-"""Tests for pipeline.jobs.score and `aevb score`: the scoring job, its thresholds, its model handler,
+"""Tests for `aevb score` (pipeline.jobs.score, pipeline.score): job, thresholds, model handler,
 and a streaming job that switches to new snapshot versions while a trainer writes them."""
 
 import collections
@@ -18,18 +18,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 import vae
-from pipeline.ingest import lifecycle
 from pipeline.cli.main import main
-from pipeline.jobs.score import (
-    ScoreChunk,
-    SnapshotModelHandler,
-    Threshold,
-    WatchSnapshots,
-    _FlagAnomaliesFn,
-    _FollowedModel,
-    build_scoring_pipeline,
-    read_scores,
-)
+from pipeline.ingest import lifecycle
+from pipeline.ingest.decode import KeyedChunk
+from pipeline.jobs.score import build_scoring_pipeline
+from pipeline.outputs.scores import read_scores
+from pipeline.score.anomalies import Threshold, _FlagAnomaliesFn
+from pipeline.score.model_handler import SnapshotModelHandler, WatchSnapshots, _FollowedModel
 from pipeline.train.session import Cadence, TrainingSession
 from pipeline.train.snapshots import SnapshotWriter
 from vae.snapshot_format import read_metadata
@@ -107,7 +102,7 @@ def test_handler_scores_a_chunk_per_row_with_the_version_it_used(model_dir) -> N
     handler = SnapshotModelHandler(str(model_dir))
     model = handler.load_model()
     rows = _rows(4, 50)
-    chunk = ScoreChunk("k", rows, "f.npy", np.array([2, 3, 5, 8]))
+    chunk = KeyedChunk("k", rows, "f.npy", np.array([2, 3, 5, 8]))
     results = list(handler.run_inference(chunk, model))
     expected = vae.load(model_dir / "2")
     assert [r.model_id for r in results] == [str(model_dir / "2")] * 4
@@ -160,7 +155,7 @@ def test_handler_follows_the_model_side_input_like_watch_file_pattern(model_dir)
         )
         results = (
             pipeline
-            | beam.Create([ScoreChunk("default", _rows(3, 60), "src")])
+            | beam.Create([KeyedChunk("default", _rows(3, 60), "src")])
             | RunInference(SnapshotModelHandler(str(model_dir)), model_metadata_pcoll=metadata)
             | beam.Map(lambda r: (r.model_id, float(r.inference["score"])))
         )

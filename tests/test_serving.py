@@ -17,9 +17,8 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 import vae
 from pipeline.train.snapshots import SnapshotWriter
-from vae.snapshot_format import WARMUP_PATH
 from vae.serving import LoadedModel
-from vae.snapshot_format import SIGNATURES
+from vae.snapshot_format import SIGNATURES, WARMUP_PATH
 
 CONFIGS = {
     "bernoulli": vae.VAEConfig(input_dim=8, latent_dim=2, hidden_dim=6, batch_size=4, seed=3),

@@ -1,4 +1,4 @@
-"""Tests for pipeline.train.session (with pipeline.train.checkpoints and pipeline.train.progress beneath it).
+"""Tests for pipeline.train.session (with its checkpoints and progress beneath it).
 
 Every `vae.Trainer` compiles its step with XLA once per minibatch shape (about a second on a
 small machine), so the tests use few sessions and few distinct batch sizes.
@@ -13,14 +13,14 @@ import pytest
 import tensorflow as tf
 
 import vae
+from pipeline.ingest.keys import validate_model_key
 from pipeline.train.checkpoints import CONFIG_FILE, CheckpointStore
 from pipeline.train.drift import DriftSettings
 from pipeline.train.progress import ProgressLog, read_progress
 from pipeline.train.records import TrainingRecord
-from pipeline.ingest.keys import validate_model_key
 from pipeline.train.session import Cadence, TrainingSession
-from vae.snapshot_format import read_metadata, version_directories
 from vae.optimizers import RESET_UPDATES
+from vae.snapshot_format import read_metadata, version_directories
 
 D = 8
 CONFIG = vae.VAEConfig(input_dim=D, latent_dim=2, hidden_dim=8, batch_size=4, seed=5)

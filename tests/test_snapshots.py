@@ -11,9 +11,9 @@ import tensorflow as tf
 import vae
 from pipeline.train import snapshots
 from pipeline.train.session import Cadence, TrainingSession
-from pipeline.train.snapshots import (
+from pipeline.train.snapshots import SnapshotWriter
+from vae.snapshot_format import (
     METADATA_PATH,
-    SnapshotWriter,
     read_metadata,
     resolve_version,
     version_directories,

@@ -16,12 +16,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import external_transforms_pb2
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.ingest import lifecycle
-
-from pipeline.ingest import sources
+from pipeline.ingest import lifecycle, sources
 from pipeline.ingest.datasets import Dataset
-from pipeline.ingest.decode import DEAD_LETTER_TAG, DecodeFiles
-from pipeline.ingest.replay import replay_chunks
+from pipeline.ingest.decode import DEAD_LETTER_TAG, DecodeFiles, KeyedChunk
+from pipeline.ingest.replay import Pacer, ReplayPlan, replay_chunks
 from pipeline.ingest.sources import (
     ReadFiles,
     ReplayDataset,
@@ -73,7 +71,8 @@ class _CollectRows(beam.DoFn):
         self._tag = tag
 
     def process(self, element):
-        key, chunk = element
+        # The replay emits (key, chunk); decoding emits KeyedChunks.
+        key, chunk = (element.key, element.rows) if isinstance(element, KeyedChunk) else element
         with _lock:
             _collected.setdefault(self._tag, []).extend((key, row) for row in chunk.tolist())
 
@@ -101,6 +100,30 @@ def _run_replay(job_id: str, streaming: bool = False, dataset: str = "synthetic"
         )
 
 
+def _sequential_replay(data, chunk_size, max_examples=None, epochs=None, seed=0, skip=0):
+    """The replay order written the plain way, pass after pass: what `ReplayPlan` addresses
+    at random (and `replay_chunks` walks) must equal it."""
+    rng = np.random.default_rng(seed)
+    limit = max_examples
+    if epochs is not None:
+        limit = min(limit, epochs * len(data)) if limit is not None else epochs * len(data)
+    position = 0
+    while limit is None or position < limit:
+        order = rng.permutation(len(data))
+        for start in range(0, len(data), chunk_size):
+            end = min(start + chunk_size, len(data))
+            if limit is not None:
+                end = min(end, start + limit - position)
+            count = end - start
+            if count <= 0:
+                return
+            if position + count > skip:
+                yield data[order[start + max(0, skip - position) : end]]
+            position += count
+            if limit is not None and position >= limit:
+                return
+
+
 def _assert_same_chunks(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
     assert [len(c) for c in actual] == [len(c) for c in expected]
     for got, want in zip(actual, expected, strict=True):
@@ -126,12 +149,14 @@ def _assert_same_chunks(actual: list[np.ndarray], expected: list[np.ndarray]) ->
         (5, 0, None, 0),
     ],
 )
-def test_replay_plan_addresses_the_chunks_of_replay_chunks(
+def test_replay_plan_and_replay_chunks_follow_the_sequential_order(
     chunk_size: int, max_examples: int | None, epochs: int | None, skip: int
 ) -> None:
     data = _data()
-    expected = list(replay_chunks(data, chunk_size, max_examples, epochs, seed=5, skip=skip))
-    plan = sources._ReplayPlan(N, chunk_size, max_examples, epochs, seed=5, skip=skip)
+    expected = list(_sequential_replay(data, chunk_size, max_examples, epochs, seed=5, skip=skip))
+    walked = list(replay_chunks(data, chunk_size, max_examples, epochs, seed=5, skip=skip))
+    _assert_same_chunks(walked, expected)
+    plan = ReplayPlan(N, chunk_size, max_examples, epochs, seed=5, skip=skip)
     assert plan.n_chunks == len(expected)
     _assert_same_chunks([plan.chunk(data, i) for i in range(len(expected))], expected)
     # Random access (a resumed restriction) gives the same chunks as sequential access.
@@ -141,10 +166,13 @@ def test_replay_plan_addresses_the_chunks_of_replay_chunks(
 
 def test_unbounded_plan_matches_the_unbounded_generator() -> None:
     data = _data()
-    plan = sources._ReplayPlan(N, 6, None, None, seed=1, skip=3)
+    plan = ReplayPlan(N, 6, None, None, seed=1, skip=3)
     assert plan.n_chunks is None
-    expected = list(itertools.islice(replay_chunks(data, 6, seed=1, skip=3), 40))
+    expected = list(itertools.islice(_sequential_replay(data, 6, seed=1, skip=3), 40))
     _assert_same_chunks([plan.chunk(data, i) for i in range(40)], expected)
+    _assert_same_chunks(
+        list(itertools.islice(replay_chunks(data, 6, seed=1, skip=3), 40)), expected
+    )
 
 
 # --- ReplayDataset --------------------------------------------------------------------------
@@ -203,7 +231,7 @@ def test_stop_request_ends_an_unbounded_replay(job: str, streaming: bool) -> Non
 
 def test_pacer_keeps_the_long_run_rate_and_limits_catch_up_bursts() -> None:
     now = [0.0]
-    pacer = sources._Pacer(10.0, clock=lambda: now[0])
+    pacer = Pacer(10.0, clock=lambda: now[0])
     assert pacer.wait_seconds() == 0
     pacer.sent(5)
     assert pacer.wait_seconds() == pytest.approx(0.5)

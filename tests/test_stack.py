@@ -23,10 +23,10 @@ from apache_beam.testing.util import assert_that
 
 from pipeline.cli.main import build_parser
 from pipeline.ingest.decode import DecodeRecords
+from pipeline.ingest.sources import parse_source
 from pipeline.jobs.options import AEVBOptions, cadence, drift_settings, model_config
 from pipeline.jobs.produce import encode_row, replay_into
 from pipeline.jobs.score import ScoreOptions  # noqa: F401 -- registers the score flags with Beam
-from pipeline.ingest.sources import parse_source
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -271,9 +271,9 @@ def test_producer_messages_decode_to_the_replayed_rows() -> None:
 
 def _same_rows(found: list, expected_rows: np.ndarray) -> None:
     """One chunk holding every row, equal to six significant digits, with the key."""
-    ((key, only_chunk),) = found[0]
-    assert key == "sensor-1"
-    np.testing.assert_allclose(only_chunk, expected_rows, rtol=1e-5)
+    (only_chunk,) = found[0]
+    assert only_chunk.key == "sensor-1"
+    np.testing.assert_allclose(only_chunk.rows, expected_rows, rtol=1e-5)
 
 
 def test_producer_paces_examples_per_second() -> None:

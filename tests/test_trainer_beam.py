@@ -26,8 +26,8 @@ from pipeline.train import trainer as trainer_module
 from pipeline.train.checkpoints import CheckpointStore
 from pipeline.train.records import TrainingRecord
 from pipeline.train.session import Cadence
-from vae.snapshot_format import read_metadata, version_directories
 from pipeline.train.trainer import TrainVAE
+from vae.snapshot_format import read_metadata, version_directories
 
 D = 8
 CONFIG = vae.VAEConfig(input_dim=D, latent_dim=2, hidden_dim=8, batch_size=4, seed=3)

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Likelihood = Literal["bernoulli", "gaussian"]
 Estimator = Literal["analytic_kl", "monte_carlo_kl"]
 
-LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
+LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
 # The paper's SGVB estimator A (eq. 6) estimates the KL term by Monte Carlo too;
 # estimator B (eq. 7) integrates it analytically and has lower variance.
-ESTIMATORS: tuple[str, ...] = ("analytic_kl", "monte_carlo_kl")
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 ESTIMATOR_ALIASES = {"A": "monte_carlo_kl", "B": "analytic_kl"}
 # Spelled out here, not imported from vae.optimizers: this module must not import TensorFlow.
 OPTIMIZERS: tuple[str, ...] = ("adagrad", "rmsprop", "adam")

@@ -91,13 +91,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
-    from pipeline.jobs.score import (
-        ScoreOptions,
-        read_scores,
-        run_scoring,
-        snapshot_config,
-        threshold_of,
-    )
+    from pipeline.jobs.score import ScoreOptions, run_scoring, snapshot_config, threshold_of
+    from pipeline.outputs.scores import read_scores
 
     flags = list(args.argv)
     del flags[flags.index("score")]

@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         check_paths(args)
-        from pipeline.cli.main import commands  # TensorFlow is imported from here on.
+        from pipeline.cli import commands  # TensorFlow is imported from here on.
 
         handlers = {
             "train": commands.train,

@@ -50,6 +50,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from vae.config import check_likelihood
+
 __all__ = [
     "DATASETS",
     "CorruptDataError",
@@ -57,7 +59,6 @@ __all__ = [
     "Dataset",
     "DatasetShape",
     "dataset_shape",
-    "find_data_file",
     "load_dataset",
 ]
 
@@ -158,10 +159,7 @@ class Dataset:
                     f"Dataset {self.name!r}: {split} must be float32 [N, {width}], "
                     f"got {rows.dtype} {rows.shape}"
                 )
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(
-                f"likelihood must be 'bernoulli' or 'gaussian', not {self.likelihood!r}"
-            )
+        check_likelihood(self.likelihood)
 
     @property
     def input_dim(self) -> int:
@@ -415,27 +413,6 @@ def _locate_all(
         note = disabled or "failed:\n" + "\n".join(f"    {failure}" for failure in failures)
         raise DataUnavailableError(_unavailable_message(missing, dirs, note))
     return found, ", ".join(dict.fromkeys(roots))
-
-
-def find_data_file(
-    relative_path: str,
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    download: bool = True,
-) -> pathlib.Path:
-    """Return the checksum-verified path of one data file, e.g. ``"frey/frey_rawface.mat"``.
-
-    The look-up order is described in the module docstring. The returned path may be
-    the ``.gz`` variant of a non-gzip file (its decompressed content was verified).
-
-    Raises:
-        ValueError: ``relative_path`` is not a known data file, or ``data_dir`` does not exist.
-        CorruptDataError: the first copy found fails its checksum.
-        DataUnavailableError: no copy was found and it could not be downloaded.
-    """
-    spec = _spec_for(relative_path)
-    (path,), _ = _locate_all([spec.path], data_dir, download)
-    return path
 
 
 def _read_content(path: pathlib.Path) -> bytes:

@@ -23,7 +23,6 @@ from pipeline.ingest.dead_letter import DEAD_LETTER_TAG
 from pipeline.ingest.decode import DecodeFiles, DecodeRecords, KeyedChunk, ValidateChunks
 from pipeline.ingest.scenarios import ScenarioSpec
 from pipeline.ingest.sources import ReplayDataset, kafka_source, parse_source, read_files
-from vae.config import check_likelihood
 
 __all__ = ["DatasetReplay", "KeyedChunk", "ReadExamples"]
 
@@ -97,7 +96,7 @@ class ReadExamples(beam.PTransform):
         self.kind, self.argument = parse_source(source)
         self.source = source
         self.input_dim = input_dim
-        self.likelihood = check_likelihood(likelihood)
+        self.likelihood = likelihood  # checked by the decoding DoFns, at construction
         self.model_key = model_key
         self.streaming = streaming
         self.max_examples = max_examples

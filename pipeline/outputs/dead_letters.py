@@ -19,6 +19,7 @@ from apache_beam.metrics import Metrics
 from pipeline.ingest.dead_letter import REASONS, DeadLetter
 from pipeline.outputs import metrics
 from pipeline.outputs.jsonl import WorkerJsonLines
+from pipeline.train.counters import NAMESPACE, beam_counter_name
 
 __all__ = ["DEAD_LETTER_DIR", "DEAD_LETTER_PREFIX", "WriteDeadLetters"]
 
@@ -34,7 +35,9 @@ class _WriteDeadLettersFn(beam.DoFn):
 
     def setup(self) -> None:
         self._counters = {
-            reason: Metrics.counter(metrics.NAMESPACE, f"records_rejected_total_{reason}")
+            reason: Metrics.counter(
+                NAMESPACE, beam_counter_name("aevb_records_rejected_total", reason)
+            )
             for reason in REASONS
         }
         # Dead letters are rare and are what one inspects after a crash: never buffered.

@@ -23,15 +23,19 @@ aevb_drift_statistic{model,detector}                   gauge      detector's cur
 aevb_drift_threshold{model,detector}                   gauge      what it is compared with
 =====================================================  =========  ==============================
 
-The counters are also Beam metrics in namespace ``aevb`` (`BeamCounters`), named without
-the prefix, a label value appended: ``examples_total``, ``skipped_steps_total_non_finite``,
-``records_rejected_total_wrong_width`` ... so a Flink or Dataflow UI shows them.
+The counters are also Beam metrics in namespace ``aevb`` (`pipeline.train.counters`), named
+without the prefix, a label value appended: ``examples_total``,
+``skipped_steps_total_non_finite``, ``records_rejected_total_wrong_width`` ... so a Flink or
+Dataflow UI shows them.
 
 Several worker processes: the local runners' workers (``--direct_running_mode
 multi_processing``) are subprocesses of the driver. `run_training` points
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory (`use_multiprocess_dir`) before any worker
 starts; every process writes its values to files there and the driver serves their
 aggregate on one port: counters and histograms summed, gauges the most recently set value.
+
+The metric families are `pipeline.outputs.prometheus_families`' (prometheus-client's
+Counter, Gauge and Histogram rebuilt from its public parts, see there why).
 
 >>> observer = PrometheusObserver()
 >>> observer.on_open("doc-model", last_snapshot_unix=1.0, drift_thresholds={"adwin": 5.0})
@@ -44,8 +48,6 @@ True
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -53,9 +55,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
-from prometheus_client import values as prometheus_values
+from prometheus_client import CollectorRegistry, multiprocess
 
+from pipeline.outputs.prometheus_families import (
+    MULTIPROC_ENV,
+    CounterFamily,
+    GaugeFamily,
+    HistogramFamily,
+    MetricFamily,
+    ValueFactory,
+    multiprocess_dir,
+    value_class,
+)
 from pipeline.train.counters import SKIP_REASONS
 from pipeline.train.observers import SessionObserver
 
@@ -63,9 +74,6 @@ if TYPE_CHECKING:
     from pipeline.train.drift import DriftDetection
     from pipeline.train.records import TrainingRecord
 
-logger = logging.getLogger(__name__)
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Per-example negative bounds in nats: a 784-pixel Bernoulli model starts near
 # 784 log 2 = 543 and learns towards 60-150 (MNIST); Gaussian decoders (Frey Face) go
@@ -84,28 +92,25 @@ STEP_SECONDS_BUCKETS = (
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class MetricsSettings:
-    """Whether the trainer's processes update the Prometheus metrics (picklable)."""
+class Families:
+    """The metric families; built on first use (`families()`), after the multiprocess
+    choice is made. Tests build their own, in a registry of their own."""
 
-    enabled: bool = True
+    def __init__(
+        self, registry: CollectorRegistry | None = REGISTRY, values: ValueFactory | None = None
+    ) -> None:
+        values = values or value_class()
 
+        def gauge(name: str, documentation: str, labels=("model",)) -> GaugeFamily:
+            return GaugeFamily(name, documentation, labels, registry, values)
 
-class _Families:
-    """The metric objects; built on first use, after the multiprocess choice is made."""
+        def counter(name: str, documentation: str, labels=("model",)) -> CounterFamily:
+            return CounterFamily(name, documentation, labels, registry, values)
 
-    def __init__(self) -> None:
-        def gauge(name: str, documentation: str, labels=("model",)) -> Gauge:
-            return Gauge(
-                name,
-                documentation,
-                labels,
-                registry=REGISTRY,
-                multiprocess_mode="mostrecent",
+        def histogram(name: str, documentation: str, buckets) -> HistogramFamily:
+            return HistogramFamily(
+                name, documentation, ("model",), registry, values, buckets=buckets
             )
-
-        def counter(name: str, documentation: str, labels=("model",)) -> Counter:
-            return Counter(name, documentation, labels, registry=REGISTRY)
 
         self.elbo = gauge(
             "aevb_elbo_nats",
@@ -119,12 +124,10 @@ class _Families:
         self.kl = gauge(
             "aevb_kl_nats", "KL(q(z|x) || p(z)) term of the latest minibatch's bound, in nats."
         )
-        self.negative_elbo = Histogram(
+        self.negative_elbo = histogram(
             "aevb_negative_elbo_nats",
             "Per-example negative test-then-train bound (a loss: lower is better), in nats.",
-            ("model",),
-            buckets=NEGATIVE_ELBO_BUCKETS,
-            registry=REGISTRY,
+            NEGATIVE_ELBO_BUCKETS,
         )
         self.examples = counter("aevb_examples_total", "Examples scored and trained on.")
         self.steps = counter("aevb_train_steps_total", "Minibatch updates applied.")
@@ -138,12 +141,10 @@ class _Families:
             "Records rejected to the dead-letter output, by reason.",
             ("model", "reason"),
         )
-        self.step_seconds = Histogram(
+        self.step_seconds = histogram(
             "aevb_step_seconds",
             "Wall time of one training step (score, gradients, Adagrad update), in seconds.",
-            ("model",),
-            buckets=STEP_SECONDS_BUCKETS,
-            registry=REGISTRY,
+            STEP_SECONDS_BUCKETS,
         )
         self.snapshots = counter("aevb_snapshots_total", "Snapshot versions written.")
         self.last_snapshot = gauge(
@@ -168,40 +169,34 @@ class _Families:
             ("model", "detector"),
         )
 
+    def all(self) -> list[MetricFamily]:
+        """Every family, in registration (exposition) order."""
+        return [f for f in vars(self).values() if isinstance(f, MetricFamily)]
 
-_families: _Families | None = None
+
+_families: Families | None = None
 _families_lock = threading.Lock()
 
 
-def families() -> _Families:
+def families() -> Families:
     global _families
     with _families_lock:
         if _families is None:
-            _families = _Families()
+            _families = Families()
         return _families
-
-
-def multiprocess_dir() -> str | None:
-    """The shared directory of multiprocess mode, or None in single-process mode."""
-    return os.environ.get(MULTIPROC_ENV) or None
 
 
 def use_multiprocess_dir(directory: str | os.PathLike) -> bool:
     """Switches this process, and the worker processes it starts later, to multiprocess mode.
 
-    Sets ``PROMETHEUS_MULTIPROC_DIR`` (inherited by the local runners' worker processes)
-    and makes prometheus-client store values there. It must run before this process has
-    created its metrics; returns False (and changes nothing) when it is too late.
+    Sets ``PROMETHEUS_MULTIPROC_DIR`` (inherited by the local runners' worker processes),
+    where the families store their values once built (`value_class`). It must run before
+    this process has built them; returns False (and changes nothing) when it is too late.
     """
     with _families_lock:
         if _families is not None and multiprocess_dir() != os.fspath(directory):
             return False
         os.environ[MULTIPROC_ENV] = os.fspath(directory)
-        # prometheus-client picks its value class when imported; pick again now that the
-        # variable is set (its own `get_value_class`, as used at import) -- once: a second
-        # class would map the same files twice.
-        if not getattr(prometheus_values.ValueClass, "_multiprocess", False):
-            prometheus_values.ValueClass = prometheus_values.get_value_class()
         return True
 
 
@@ -219,33 +214,6 @@ def exposition_registry() -> CollectorRegistry:
 def generate_latest(registry: CollectorRegistry | None = None) -> bytes:
     """The text exposition of `registry` (default: `exposition_registry()`)."""
     return prometheus_client.generate_latest(registry or exposition_registry())
-
-
-def observe_many(histogram_child, values: np.ndarray) -> None:
-    """`histogram_child.observe(v)` for every v, in one pass.
-
-    A minibatch's 100 per-example bounds observed one by one cost 0.7-0.9 ms in
-    multiprocess mode (each observation writes to a memory-mapped file), 5-10% of a
-    training step; counted per bucket with numpy, 0.06 ms. Falls back to single
-    observations if prometheus-client's histogram internals ever change (a test compares
-    both ways).
-    """
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return
-    bounds = getattr(histogram_child, "_upper_bounds", None)
-    buckets = getattr(histogram_child, "_buckets", None)
-    total = getattr(histogram_child, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
-        for value in values.tolist():
-            histogram_child.observe(value)
-        return
-    # Prometheus buckets are upper-inclusive: a value goes to the first bound >= it.
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    for index in np.flatnonzero(counts).tolist():
-        buckets[index].inc(int(counts[index]))
-    total.inc(float(values.sum()))
 
 
 class PrometheusObserver(SessionObserver):
@@ -289,7 +257,7 @@ class PrometheusObserver(SessionObserver):
             m.reconstruction.labels(model=key).set(record.reconstruction_log_likelihood)
             m.kl.labels(model=key).set(record.kl)
         if record.elbo_per_example:
-            observe_many(m.negative_elbo.labels(model=key), -np.asarray(record.elbo_per_example))
+            m.negative_elbo.labels(model=key).observe_many(-np.asarray(record.elbo_per_example))
 
     def on_drift_statistic(self, key: str, detector: str, statistic: float) -> None:
         self._metrics.drift_statistic.labels(model=key, detector=detector).set(statistic)

@@ -2,7 +2,7 @@
 
 One JSON line per logged step: the test-then-train averages over the examples since the
 previous line (a single minibatch's bound is too noisy to read), plus whatever evaluation
-ran at that point. On a terminal a one-line progress bar redraws in place; otherwise (CI,
+ran at that point. On a terminal the line redraws in place; otherwise (CI,
 Beam workers, `nohup`) the same information goes to the log, one plain line each time.
 
 >>> import io, json, tempfile, pathlib
@@ -23,7 +23,6 @@ import sys
 from typing import Any, TextIO
 
 logger = logging.getLogger("aevb.progress")
-BAR_WIDTH = 24
 
 
 class ProgressLog:
@@ -32,12 +31,10 @@ class ProgressLog:
     def __init__(
         self,
         path: str | os.PathLike,
-        total_examples: int | None = None,
         stream: TextIO | None = None,
     ) -> None:
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.total_examples = total_examples
         self._stream = stream if stream is not None else sys.stderr
         self._interactive = self._stream.isatty()
 
@@ -48,21 +45,11 @@ class ProgressLog:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
         self._show(entry)
 
-    def close(self) -> None:
-        if self._interactive:
-            self._stream.write("\n")
-            self._stream.flush()
-
     def _show(self, entry: dict[str, Any]) -> None:
         text = describe(entry)
         if not self._interactive:
             logger.info(text)
             return
-        examples = entry.get("examples", 0)
-        if self.total_examples:
-            done = min(1.0, examples / self.total_examples)
-            filled = int(done * BAR_WIDTH)
-            text = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {100 * done:5.1f}% {text}"
         self._stream.write("\r\033[K" + text)
         self._stream.flush()
 

@@ -39,6 +39,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 import vae
 from pipeline.ingest import lifecycle
+from pipeline.ingest.decode import KeyedChunk
 from pipeline.ingest.keys import validate_model_key
 from pipeline.train.checkpoints import checkpointed_examples
 from pipeline.train.counters import BeamCounters
@@ -138,7 +139,12 @@ class TrainVAE(beam.PTransform):
 
 def as_keyed_chunk(element: Any, default_key: str, input_dim: int) -> tuple[str, np.ndarray]:
     """(key, float32 [k, D]) from any element form `TrainVAE` accepts."""
-    key, values = element if isinstance(element, tuple) else (default_key, element)
+    if isinstance(element, KeyedChunk):
+        key, values = element.key, element.rows
+    elif isinstance(element, tuple):
+        key, values = element
+    else:
+        key, values = default_key, element
     chunk = np.asarray(values, dtype=np.float32)
     if chunk.ndim == 1:
         chunk = chunk[np.newaxis, :]
