@@ -1,4 +1,5 @@
-"""The training job's flags, as a Beam `PipelineOptions` subclass.
+"""The jobs' flags, a Beam `PipelineOptions` subclass, and what they describe: the model
+config, the read path, the cadence and the drift detector.
 
 They combine with Beam's own (`--runner`, `--streaming`, `--direct_num_workers`, ...) in
 one command line, and `aevb train` parses them strictly first so that a bad value is one
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -28,6 +29,7 @@ from pipeline.ingest.datasets import (
     dataset_shape,
     load_dataset,
 )
+from pipeline.ingest.read import DatasetReplay, ReadExamples
 from pipeline.ingest.scenarios import SCENARIOS, ScenarioSpec
 from pipeline.train import drift
 from pipeline.train.adaptation import (
@@ -384,6 +386,38 @@ def scenario_spec(options: AEVBOptions) -> ScenarioSpec | None:
         datasets=options.drift_datasets,
         rotation_degrees=options.rotation_degrees,
         rotation_span_examples=options.rotation_span_examples,
+    )
+
+
+def read_examples(
+    options: AEVBOptions,
+    input_dim: int,
+    likelihood: str,
+    *,
+    streaming: bool,
+    job_id: str,
+    **replay_fields: Any,
+) -> ReadExamples:
+    """The read path the source flags describe, for either job; `replay_fields` are the
+    job's own fields of the dataset replay (`split`, `epochs`, `skip`, `scenario`)."""
+    return ReadExamples(
+        options.source,
+        input_dim,
+        likelihood,
+        model_key=options.model_key,
+        streaming=streaming,
+        max_examples=options.max_examples,
+        chunk_size=options.chunk_size,
+        poll_interval_seconds=options.poll_interval_seconds,
+        replay=DatasetReplay(
+            options.dataset,
+            data_dir=options.data_dir,
+            fallback=options.fallback_dataset,
+            examples_per_second=options.examples_per_second,
+            seed=options.seed,
+            **replay_fields,
+        ),
+        job_id=job_id,
     )
 
 

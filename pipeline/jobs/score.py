@@ -51,8 +51,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.ingest import lifecycle
-from pipeline.ingest.read import DatasetReplay, ReadExamples
-from pipeline.jobs.options import AEVBOptions, positive_float, positive_int
+from pipeline.jobs.options import AEVBOptions, positive_float, positive_int, read_examples
 from pipeline.outputs.dead_letters import WriteDeadLetters
 from pipeline.outputs.scores import WriteScores
 from pipeline.score.anomalies import FlagAnomalies, Threshold
@@ -183,25 +182,14 @@ def build_scoring_pipeline(
     epochs = aevb.epochs
     if not streaming and epochs is None and aevb.max_examples is None:
         epochs = 1  # a batch job scores the split once
-    chunks, letters = pipeline | "ReadExamples" >> ReadExamples(
-        aevb.source,
+    chunks, letters = pipeline | "ReadExamples" >> read_examples(
+        aevb,
         config.input_dim,
         config.likelihood,
-        model_key=aevb.model_key,
         streaming=streaming,
-        max_examples=aevb.max_examples,
-        chunk_size=aevb.chunk_size,
-        poll_interval_seconds=aevb.poll_interval_seconds,
-        replay=DatasetReplay(
-            aevb.dataset,
-            data_dir=aevb.data_dir,
-            fallback=aevb.fallback_dataset,
-            split=score.split,
-            epochs=epochs,
-            examples_per_second=aevb.examples_per_second,
-            seed=aevb.seed,
-        ),
         job_id=job_id,
+        split=score.split,
+        epochs=epochs,
     )
     follow = streaming and score.model_updates == "poll"
     # A batch job scores everything with the version that is newest now, on every worker.

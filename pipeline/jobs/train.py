@@ -25,7 +25,6 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.ingest import lifecycle
-from pipeline.ingest.read import DatasetReplay, ReadExamples
 from pipeline.jobs.options import (
     AEVBOptions,
     cadence,
@@ -33,6 +32,7 @@ from pipeline.jobs.options import (
     exports_metrics,
     input_spec,
     model_config,
+    read_examples,
     run_dir,
     scenario_spec,
 )
@@ -61,26 +61,15 @@ def build_training_pipeline(
     streaming = options.view_as(StandardOptions).streaming
     directory = run_dir(options)
     input_dim, likelihood = input_spec(options)
-    examples, dead_letters = pipeline | "ReadExamples" >> ReadExamples(
-        options.source,
+    examples, dead_letters = pipeline | "ReadExamples" >> read_examples(
+        options,
         input_dim,
         likelihood,
-        model_key=options.model_key,
         streaming=streaming,
-        max_examples=options.max_examples,
-        chunk_size=options.chunk_size,
-        poll_interval_seconds=options.poll_interval_seconds,
-        replay=DatasetReplay(
-            options.dataset,
-            data_dir=options.data_dir,
-            fallback=options.fallback_dataset,
-            epochs=options.epochs,
-            examples_per_second=options.examples_per_second,
-            seed=options.seed,
-            skip=checkpointed_examples(directory, options.model_key),
-            scenario=scenario_spec(options),
-        ),
         job_id=job_id,
+        epochs=options.epochs,
+        skip=checkpointed_examples(directory, options.model_key),
+        scenario=scenario_spec(options),
     )
     evaluation = None
     if options.evaluate_every_examples:

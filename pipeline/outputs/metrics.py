@@ -1,4 +1,4 @@
-"""Prometheus metrics of the training job, and the same counters as Beam metrics.
+"""Prometheus metrics of the training job: their families and the observer that updates them.
 
 Every series carries a ``model`` label (the model key); nothing is labelled per example.
 Names follow Prometheus conventions (``aevb_`` prefix, base units, ``_total`` counters):
