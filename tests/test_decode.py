@@ -23,6 +23,7 @@ from pipeline.ingest.decode import (
     ValidateChunks,
     decode_file,
 )
+from pipeline.ingest.keys import validate_model_key
 from pipeline.ingest.validation import validate_rows
 from pipeline.outputs.dead_letters import WriteDeadLetters
 
@@ -557,3 +558,14 @@ def test_validate_chunks_passes_valid_rows_and_rejects_the_rest() -> None:
             equal_to([("dataset:x", "non_finite", "chunk row 1: inf,0")]),
             label="DeadLetters",
         )
+
+
+@pytest.mark.parametrize("key", ["nl\n", "tab\tkey", "nul\x00", "cr\r", "bell\x07", "\nlead"])
+def test_keys_with_control_characters_are_dead_letters(key: str) -> None:
+    # `re.match` with "$" let "nl\n" through: checkpoints/nl\n/ and snapshots/nl\n/ appeared.
+    data = (json.dumps({"x": [0, 1, 0, 1], "key": key}) + "\n[1, 1, 0, 0]\n").encode()
+    chunks, letters = _decode("keys.jsonl", data)
+    assert [(letter.reason, letter.position) for letter in letters] == [("invalid_key", 1)]
+    assert [key for key, _ in chunks] == ["default"]
+    with pytest.raises(ValueError, match="must start with a letter or digit"):
+        validate_model_key(key)

@@ -59,7 +59,7 @@ from pipeline.ingest.dead_letter import (
     record_locator,
     row_excerpt,
 )
-from pipeline.ingest.keys import MODEL_KEY_PATTERN, MODEL_KEY_RULE
+from pipeline.ingest.keys import MODEL_KEY_RULE, is_model_key
 from pipeline.ingest.validation import validate_rows, wrong_width_detail
 from vae.config import check_likelihood
 
@@ -164,14 +164,22 @@ def decode_file(
                 "unsupported_format",
                 f"suffix {suffix or '(none)'!r} is not one of {', '.join(SUPPORTED_SUFFIXES)}",
             )
-        # Parsed completely before anything is emitted, so that a file rejected as a whole
-        # has trained nothing.
+        # Parsed and validated completely before anything is emitted, so that a file
+        # rejected as a whole has trained nothing.
         blocks, letters = parser(path, data, input_dim, default_key)
+        items = [*letters, *_validated(path, blocks, input_dim, likelihood)]
     except _FileError as error:
         yield _file_letter(path, data, error.reason, error.detail)
         return
-    yield from letters
-    yield from _validated(path, blocks, input_dim, likelihood)
+    except Exception as error:  # no input may end the job (RecursionError, MemoryError, ...)
+        yield _file_letter(path, data, "unparseable_file", f"cannot parse: {_describe(error)}")
+        return
+    yield from items
+
+
+def _describe(error: BaseException) -> str:
+    """An exception in one short line: its type and the start of its message."""
+    return excerpt(f"{type(error).__name__}: {error}", 160)
 
 
 def _file_letter(source: str, data: bytes, reason: str, detail: str) -> DeadLetter:
@@ -187,7 +195,7 @@ def _validated(
     keep_positions: bool = True,
 ) -> Iterator[KeyedChunk | DeadLetter]:
     for block in blocks:
-        if not MODEL_KEY_PATTERN.match(block.key):
+        if not is_model_key(block.key):
             # A key becomes a directory name and a metric label: an odd one must not
             # reach the trainer, where it would stop the job.
             for index in range(len(block.values)):
@@ -404,6 +412,10 @@ def _json_blocks(lines: _Lines, input_dim: int) -> tuple[list[_Block], list[Dead
             obj = json.loads(text)
         except ValueError as exc:
             letters.append(lines.letter(index, "non_numeric", f"invalid JSON: {exc}"))
+            continue
+        except RecursionError:
+            detail = "invalid JSON: nested too deeply to parse"
+            letters.append(lines.letter(index, "non_numeric", detail))
             continue
         parsed += 1
         key = lines.keys[index]
@@ -668,7 +680,29 @@ class _DecodeRecordsFn(beam.DoFn):
                 yield _tag(item, WindowedValue(item, buffer.timestamp, [window]))
         self._buffers = {}
 
-    def _decode(self, messages: list[Any]) -> Iterator[KeyedChunk | DeadLetter]:
+    def _decode(self, messages: list[Any]) -> list[KeyedChunk | DeadLetter]:
+        """The messages decoded together; should that fail on some input nobody foresaw,
+        one by one, so that only the offending messages become dead letters."""
+        try:
+            return list(self._decode_together(messages))
+        except Exception as error:  # no input may end the job (RecursionError, ...)
+            if len(messages) == 1:
+                return [self._message_letter(messages[0], error)]
+        items: list[KeyedChunk | DeadLetter] = []
+        for message in messages:
+            try:
+                items.extend(self._decode_together([message]))
+            except Exception as error:
+                items.append(self._message_letter(message, error))
+        return items
+
+    def _message_letter(self, message: Any, error: BaseException) -> DeadLetter:
+        value = message[1] if isinstance(message, tuple) else message
+        record = record_locator("message", None, repr(value)[:_RAW_EXCERPT_BYTES])
+        detail = f"cannot decode: {_describe(error)}"
+        return DeadLetter(self._source, "non_numeric", detail, record)
+
+    def _decode_together(self, messages: list[Any]) -> Iterator[KeyedChunk | DeadLetter]:
         texts, keys, json_indices, csv_indices = [], [], [], []
         for message in messages:
             key_bytes, value = message if isinstance(message, tuple) else (None, message)

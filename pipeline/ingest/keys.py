@@ -17,17 +17,27 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MODEL_KEY_PATTERN", "MODEL_KEY_RULE", "validate_model_key"]
+__all__ = ["MODEL_KEY_PATTERN", "MODEL_KEY_RULE", "is_model_key", "validate_model_key"]
 
-MODEL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Matched whole (`fullmatch`): with `match`, "$" also matches before a trailing newline.
+MODEL_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_KEY_RULE = (
     "must start with a letter or digit and contain only letters, digits, '_', '.' and '-' "
     "(at most 128 characters)"
 )
 
 
+def is_model_key(key: object) -> bool:
+    """Whether `key` can name a model: a string the pattern matches whole.
+
+    >>> is_model_key("sensor-7"), is_model_key("sensor-7\\n"), is_model_key("a\\x00b")
+    (True, False, False)
+    """
+    return isinstance(key, str) and MODEL_KEY_PATTERN.fullmatch(key) is not None
+
+
 def validate_model_key(key: str) -> str:
     """Returns `key` if it can name a model, else raises ValueError saying why."""
-    if not isinstance(key, str) or not MODEL_KEY_PATTERN.match(key):
+    if not is_model_key(key):
         raise ValueError(f"model key {key!r} {MODEL_KEY_RULE}")
     return key
