@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import vae
 from pipeline.ingest.keys import validate_model_key
-from pipeline.ingest.scenarios import build_scenario
-from pipeline.ingest.sources import parse_source
+from pipeline.ingest.sources import files_match, parse_source
 from pipeline.jobs.options import (
     AEVBOptions,
     UsageError,
@@ -25,9 +25,11 @@ from pipeline.jobs.options import (
     writable_directory,
 )
 from pipeline.jobs.train import run_training
+from pipeline.outputs.metrics_export import MetricsExportError
 from pipeline.outputs.results import print_result
+from pipeline.outputs.run_lock import RunDirectoryBusy
 from pipeline.train.checkpoints import checkpointed_examples
-from pipeline.train.progress import ProgressLog, read_progress
+from pipeline.train.progress import read_progress
 from vae.snapshot_format import read_metadata, resolve_version
 
 logger = logging.getLogger("aevb")
@@ -59,6 +61,8 @@ def train(args: argparse.Namespace) -> int:
             aevb.max_examples,
         )
         return 0
+    if kind == "files" and not args.streaming and not files_match(aevb.source.partition(":")[2]):
+        raise UsageError(f"--source {aevb.source}: no files match (a batch job reads them once)")
     if kind == "dataset" or aevb.evaluate_every_examples:
         # Fail here, in one line, rather than in a worker: the data must be loadable.
         dataset = load_data(args)
@@ -76,8 +80,10 @@ def train(args: argparse.Namespace) -> int:
         " (streaming)" if args.streaming else "",
         run_dir(aevb),
     )
-    record_drift_schedule(aevb)
-    run_training(options)
+    try:
+        run_training(options)
+    except (RunDirectoryBusy, MetricsExportError) as error:
+        raise UsageError(str(error)) from None
     for model_dir in sorted((pathlib.Path(run_dir(aevb)) / "snapshots").glob("[!.]*")):
         newest = resolve_version(model_dir)
         metadata = read_metadata(newest)
@@ -105,6 +111,8 @@ def score(args: argparse.Namespace) -> int:
         kind, _ = parse_source(aevb.source)
         threshold_of(scoring)
         config = snapshot_config(scoring.model)
+        # Loaded once here, so that a damaged snapshot is one line, not a worker's traceback.
+        load_snapshot(vae.load, resolve_version(scoring.model))
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
     runner = args.runner.rsplit(".", 1)[-1]
@@ -130,7 +138,10 @@ def score(args: argparse.Namespace) -> int:
         " (streaming)" if args.streaming else "",
         run_dir(aevb),
     )
-    run_scoring(options)
+    try:
+        run_scoring(options)
+    except RunDirectoryBusy as error:
+        raise UsageError(str(error)) from None
     records = read_scores(run_dir(aevb))
     versions = sorted({r["model_version"] for r in records if r["model_version"] is not None})
     logger.info(
@@ -165,40 +176,12 @@ def produce(args: argparse.Namespace) -> int:
     return 0
 
 
-def record_drift_schedule(options: AEVBOptions) -> None:
-    """Writes a drift scenario's phases into progress.jsonl, so plots mark the true changes."""
-    spec = scenario_spec(options)
-    if spec is None:
-        return
-    scenario = build_scenario(
-        spec, options.dataset, options.data_dir, options.fallback_dataset, options.seed
-    )
-    horizon = options.max_examples or 10 * spec.phase_examples
-    phases = [phase.to_dict() for phase in scenario.phases(horizon)]
-    for phase in phases:
-        logger.info(
-            "drift scenario %s: phase %d from example %d: %s",
-            spec.kind,
-            phase["index"],
-            phase["start"],
-            phase["name"],
-        )
-    log = ProgressLog(pathlib.Path(run_dir(options)) / "progress.jsonl")
-    log.write(
-        {
-            "key": options.model_key,
-            "examples": checkpointed_examples(run_dir(options), options.model_key),
-            "drift_schedule": {"scenario": dataclasses.asdict(spec), "phases": phases},
-        }
-    )
-
-
 def evaluate(args: argparse.Namespace) -> int:
     try:
         version_dir = resolve_version(args.model)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    model = vae.load_model(version_dir)
+    model = load_snapshot(vae.load_model, version_dir)
     dataset = load_data(args)
     if dataset.input_dim != model.config.input_dim:
         raise UsageError(
@@ -261,6 +244,20 @@ def _model_figures(model_dir: pathlib.Path, output: pathlib.Path) -> list[pathli
             manifold_figure(model, output / f"manifold-{key}.png", title=f"Manifold: {label}")
         )
     return written
+
+
+def load_snapshot(load: Callable[[pathlib.Path], Any], version_dir: pathlib.Path) -> Any:
+    """`load(version_dir)`, with a damaged snapshot (missing variables, a truncated graph)
+    turned into a one-line usage error."""
+    import tensorflow as tf
+
+    try:
+        return load(version_dir)
+    except (OSError, ValueError, tf.errors.OpError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(
+            f"--model {version_dir} is not a readable snapshot: {first_line}"
+        ) from None
 
 
 def _describe_config(config: vae.VAEConfig) -> str:

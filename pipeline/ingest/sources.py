@@ -54,6 +54,7 @@ __all__ = [
     "ReadFiles",
     "ReplayDataset",
     "WatchFiles",
+    "files_match",
     "kafka_source",
     "parse_source",
     "read_files",
@@ -529,6 +530,15 @@ class WatchFiles(beam.PTransform):
         return pbegin | "Impulse" >> beam.Impulse() | "Watch" >> beam.ParDo(self._fn)
 
 
+def files_match(pattern: str) -> bool:
+    """Whether any file matches `pattern` now (a file system that cannot be listed: no)."""
+    try:
+        (result,) = FileSystems.match([pattern])
+    except BeamIOError:
+        return False
+    return bool(result.metadata_list)
+
+
 class ReadFiles(beam.PTransform):
     """PBegin -> the paths of the files matching ``pattern`` (bounded).
 
@@ -541,12 +551,7 @@ class ReadFiles(beam.PTransform):
         self._pattern = pattern
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        try:
-            (result,) = FileSystems.match([self._pattern])
-            found = bool(result.metadata_list)
-        except BeamIOError:
-            found = False
-        if not found:
+        if not files_match(self._pattern):
             raise ValueError(f"no files match {self._pattern!r}")
         return (
             pbegin

@@ -53,6 +53,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.ingest import lifecycle
 from pipeline.jobs.options import AEVBOptions, positive_float, positive_int, read_examples
 from pipeline.outputs.dead_letters import WriteDeadLetters
+from pipeline.outputs.run_lock import RunDirectoryLock
 from pipeline.outputs.scores import WriteScores
 from pipeline.score.anomalies import FlagAnomalies, Threshold
 from pipeline.score.model_handler import SnapshotModelHandler, WatchSnapshots
@@ -216,7 +217,12 @@ def build_scoring_pipeline(
 
 
 def run_scoring(options: PipelineOptions) -> beam.runners.runner.PipelineResult | None:
-    """Runs the scoring job until its input ends or Ctrl-C (the first one drains)."""
-    pipeline = beam.Pipeline(options=options)
-    job = build_scoring_pipeline(pipeline, options)
-    return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
+    """Runs the scoring job until its input ends or Ctrl-C (the first one drains).
+
+    Raises:
+        RunDirectoryBusy: another job writes to the same --output (`pipeline.outputs.run_lock`).
+    """
+    with RunDirectoryLock(os.path.abspath(options.view_as(AEVBOptions).output)):
+        pipeline = beam.Pipeline(options=options)
+        job = build_scoring_pipeline(pipeline, options)
+        return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)

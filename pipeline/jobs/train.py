@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import pathlib
 import uuid
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.ingest import lifecycle
+from pipeline.ingest.scenarios import build_scenario
 from pipeline.jobs.options import (
     AEVBOptions,
     cadence,
@@ -39,7 +40,9 @@ from pipeline.jobs.options import (
 from pipeline.outputs.dead_letters import WriteDeadLetters
 from pipeline.outputs.metrics import PrometheusObserver
 from pipeline.outputs.metrics_export import MetricsExport
+from pipeline.outputs.run_lock import RunDirectoryLock
 from pipeline.train.checkpoints import checkpointed_examples
+from pipeline.train.progress import ProgressLog
 from pipeline.train.trainer import TestSetEvaluation, TrainVAE, close_live_sessions
 
 logger = logging.getLogger(__name__)
@@ -110,29 +113,62 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
 
     With --metrics-port or --pushgateway, metrics go to Prometheus from this process (see
     `pipeline.outputs.metrics_export.MetricsExport`), set up before any worker process starts.
+
+    Raises:
+        RunDirectoryBusy: another job holds the run directory (`pipeline.outputs.run_lock`).
+        MetricsExportError: --metrics-port cannot be served.
     """
     aevb_options = options.view_as(AEVBOptions)
     directory = run_dir(aevb_options)
-    os.makedirs(directory, exist_ok=True)
-    export = None
-    if exports_metrics(aevb_options):
-        export = MetricsExport(
-            address=aevb_options.metrics_address,
-            port=aevb_options.metrics_port,
-            pushgateway=aevb_options.pushgateway,
-            push_job=aevb_options.push_job,
-            push_interval_seconds=aevb_options.push_interval_seconds,
-        ).start()
-    pipeline = beam.Pipeline(options=options)
-    job = build_training_pipeline(pipeline, aevb_options)
+    with RunDirectoryLock(directory):
+        export = None
+        if exports_metrics(aevb_options):
+            export = MetricsExport(
+                address=aevb_options.metrics_address,
+                port=aevb_options.metrics_port,
+                pushgateway=aevb_options.pushgateway,
+                push_job=aevb_options.push_job,
+                push_interval_seconds=aevb_options.push_interval_seconds,
+            ).start()
+        try:
+            record_drift_schedule(aevb_options)
+            pipeline = beam.Pipeline(options=options)
+            job = build_training_pipeline(pipeline, aevb_options)
+            return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
+        finally:
+            # Models trained in this process (the local runners' workers) get their final
+            # checkpoint and snapshot here; remote workers checkpoint theirs in
+            # DoFn.teardown.
+            closed = close_live_sessions(directory)
+            if closed:
+                logger.info("wrote final checkpoints and snapshots of %d models", closed)
+            if export is not None:
+                export.close()  # after the final snapshots: the last push includes them
 
-    try:
-        return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
-    finally:
-        # Models trained in this process (the local runners' workers) get their final
-        # checkpoint and snapshot here; remote workers checkpoint theirs in DoFn.teardown.
-        closed = close_live_sessions(directory)
-        if closed:
-            logger.info("wrote final checkpoints and snapshots of %d models", closed)
-        if export is not None:
-            export.close()  # after the final snapshots: the last push includes them
+
+def record_drift_schedule(options: AEVBOptions) -> None:
+    """Writes a drift scenario's phases into progress.jsonl, so plots mark the true changes."""
+    spec = scenario_spec(options)
+    if spec is None:
+        return
+    scenario = build_scenario(
+        spec, options.dataset, options.data_dir, options.fallback_dataset, options.seed
+    )
+    horizon = options.max_examples or 10 * spec.phase_examples
+    phases = [phase.to_dict() for phase in scenario.phases(horizon)]
+    for phase in phases:
+        logger.info(
+            "drift scenario %s: phase %d from example %d: %s",
+            spec.kind,
+            phase["index"],
+            phase["start"],
+            phase["name"],
+        )
+    log = ProgressLog(pathlib.Path(run_dir(options)) / "progress.jsonl")
+    log.write(
+        {
+            "key": options.model_key,
+            "examples": checkpointed_examples(run_dir(options), options.model_key),
+            "drift_schedule": {"scenario": dataclasses.asdict(spec), "phases": phases},
+        }
+    )

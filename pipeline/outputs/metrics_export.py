@@ -23,6 +23,7 @@ from pipeline.outputs.metrics import exposition_registry, multiprocess_dir, use_
 
 __all__ = [
     "MetricsExport",
+    "MetricsExportError",
     "MetricsPusher",
     "ensure_multiprocess_dir",
     "push_once",
@@ -144,6 +145,10 @@ def ensure_multiprocess_dir() -> str | None:
     return directory
 
 
+class MetricsExportError(RuntimeError):
+    """The metrics cannot be served as asked (the port is taken, ...)."""
+
+
 class MetricsExport:
     """A job's metrics export: multiprocess mode, the /metrics server, the Pushgateway
     pusher. `start()` before the pipeline runs (before any worker process starts);
@@ -176,7 +181,13 @@ class MetricsExport:
         else:
             logger.info("Prometheus multiprocess directory %s", self.directory)
         if self.port is not None:
-            self.server = serve_metrics(self.address, self.port)
+            try:
+                self.server = serve_metrics(self.address, self.port)
+            except OSError as error:  # the port is taken, the address not this machine's
+                raise MetricsExportError(
+                    f"cannot serve /metrics on {self.address}:{self.port}: "
+                    f"{error.strerror or error}"
+                ) from None
         if self.pushgateway is not None:
             self.pusher = MetricsPusher(
                 self.pushgateway, self.push_job, self.push_interval_seconds

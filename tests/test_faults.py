@@ -1,0 +1,117 @@
+"""Faults a user meets, each answered by one clear line and exit status 2, never a traceback:
+a run directory another job holds, a metrics port in use, a damaged snapshot, a batch glob
+that matches nothing."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import vae
+from pipeline.cli.main import main
+from pipeline.outputs.run_lock import RunDirectoryBusy, RunDirectoryLock
+from pipeline.train.snapshots import SnapshotWriter
+
+SMALL = ["--dataset", "mnist-5k", "--hidden", "8", "--latent-dim", "2", "--max-examples", "200"]
+
+
+def _error_line(capsys: pytest.CaptureFixture) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def held_run_dir(tmp_path: pathlib.Path):
+    """A run directory whose lock another process holds, until it is killed with -9."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.outputs.run_lock import RunDirectoryLock; "
+            "RunDirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    yield run, holder
+    holder.kill()
+    holder.wait(timeout=30)
+
+
+def test_a_second_job_on_a_run_directory_is_refused_until_the_first_dies(
+    held_run_dir, capsys: pytest.CaptureFixture
+) -> None:
+    run, holder = held_run_dir
+    assert main(["train", *SMALL, "--output", str(run)]) == 2
+    line = _error_line(capsys)
+    assert f"{run} is in use by another job (process {holder.pid})" in line
+    assert not (run / "checkpoints").exists() and not (run / "progress.jsonl").exists()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    RunDirectoryLock(run).acquire().release()  # the OS released the dead job's lock
+
+
+def test_a_scoring_job_on_a_held_output_is_refused(
+    held_run_dir, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, _ = held_run_dir
+    model_dir = SnapshotWriter(tmp_path, "default").write(
+        vae.VAE(vae.VAEConfig(input_dim=784, latent_dim=2, hidden_dim=8)), {}
+    )
+    argv = ["score", "--model", str(model_dir), "--dataset", "mnist-5k", "--output", str(out)]
+    assert main(argv) == 2
+    assert "is in use by another job" in _error_line(capsys)
+
+
+def test_the_lock_is_exclusive_within_one_process_too(tmp_path: pathlib.Path) -> None:
+    with RunDirectoryLock(tmp_path), pytest.raises(RunDirectoryBusy):
+        RunDirectoryLock(tmp_path).acquire()
+
+
+def test_a_metrics_port_in_use_is_one_line(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["train", "--streaming", *SMALL, "--metrics-port", str(port)]
+        assert main([*argv, "--output", str(tmp_path / "run")]) == 2
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in _error_line(capsys)
+
+
+def test_a_batch_glob_matching_nothing_is_one_line(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["train", "--source", f"files:{tmp_path}/none/*.npy", "--input-dim", "784"]
+    assert main([*argv, "--output", str(tmp_path / "run")]) == 2
+    assert "no files match" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("damage", ["variables", "graph"])
+@pytest.mark.parametrize("command", ["evaluate", "score"])
+def test_a_damaged_snapshot_is_one_line(
+    damage: str, command: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = vae.VAEConfig(input_dim=784, latent_dim=2, hidden_dim=8)
+    version = SnapshotWriter(tmp_path / "run", "default").write(vae.VAE(config), {})
+    if damage == "variables":
+        shutil.rmtree(version / "variables")
+    else:
+        graph = version / "saved_model.pb"
+        graph.write_bytes(graph.read_bytes()[:200])
+    argv = [command, "--model", str(version), "--dataset", "mnist-5k"]
+    if command == "score":
+        argv += ["--output", str(tmp_path / "scores")]
+    assert main(argv) == 2
+    assert f"--model {version} is not a readable snapshot" in _error_line(capsys)
