@@ -4,6 +4,7 @@ that matches nothing."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import signal
@@ -17,6 +18,7 @@ import vae
 from pipeline.cli.main import main
 from pipeline.outputs.run_lock import RunDirectoryBusy, RunDirectoryLock
 from pipeline.train.snapshots import SnapshotWriter
+from vae.snapshot_format import read_metadata
 
 SMALL = ["--dataset", "mnist-5k", "--hidden", "8", "--latent-dim", "2", "--max-examples", "200"]
 
@@ -115,3 +117,29 @@ def test_a_damaged_snapshot_is_one_line(
         argv += ["--output", str(tmp_path / "scores")]
     assert main(argv) == 2
     assert f"--model {version} is not a readable snapshot" in _error_line(capsys)
+
+
+def test_a_job_removes_what_interrupted_writes_left_and_keeps_the_rest(
+    tmp_path: pathlib.Path,
+) -> None:
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--output", str(run)]) == 0
+    staging = run / "snapshots" / ".staging"
+    keys = run / "checkpoints" / "default"
+    # What a job killed mid-write (or by a full disk) leaves behind.
+    leftovers = [
+        staging / "default-7-abc123",
+        staging / "pruned-x1y2",
+        keys / "ckpt-9_temp",
+    ]
+    for directory in leftovers:
+        (directory / "inner").mkdir(parents=True)
+        (directory / "inner" / "part").write_bytes(b"\0" * 100)
+    (keys / "state.json.tmp").write_text('{"step": ')
+    assert main(["train", *SMALL, "--max-examples", "300", "--output", str(run)]) == 0
+    assert not any(p.exists() for p in [*leftovers, keys / "state.json.tmp"])
+    # The record of versions used and the checkpoint were kept: the job resumed at 200.
+    newest = max(int(p.name) for p in (run / "snapshots" / "default").iterdir())
+    assert int((staging / "default.last_version").read_text()) == newest
+    assert json.loads((keys / "state.json").read_text())["examples_seen"] == 300
+    assert read_metadata(run / "snapshots" / "default" / str(newest))["examples_seen"] == 300

@@ -41,8 +41,9 @@ from pipeline.outputs.dead_letters import WriteDeadLetters
 from pipeline.outputs.metrics import PrometheusObserver
 from pipeline.outputs.metrics_export import MetricsExport
 from pipeline.outputs.run_lock import RunDirectoryLock
-from pipeline.train.checkpoints import checkpointed_examples
+from pipeline.train.checkpoints import checkpointed_examples, remove_partial_checkpoints
 from pipeline.train.progress import ProgressLog
+from pipeline.train.snapshots import remove_staging
 from pipeline.train.trainer import TestSetEvaluation, TrainVAE, close_live_sessions
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,10 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     aevb_options = options.view_as(AEVBOptions)
     directory = run_dir(aevb_options)
     with RunDirectoryLock(directory):
+        # Leftovers of a job killed mid-write (a full disk, kill -9): this job owns the
+        # directory now, and nothing reads them.
+        for leftover in remove_partial_checkpoints(directory) + remove_staging(directory):
+            logger.info("removed %s, left by an interrupted write", leftover)
         export = None
         if exports_metrics(aevb_options):
             export = MetricsExport(

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 
 import tensorflow as tf
 
@@ -97,6 +98,24 @@ def checkpointed_examples(run_dir: str | os.PathLike, key: str) -> int:
     """
     state = pathlib.Path(run_dir) / "checkpoints" / key / CheckpointStore.STATE_FILE
     return json.loads(state.read_text())["examples_seen"] if state.exists() else 0
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """Removes what a writer killed mid-checkpoint left under `run_dir/checkpoints/`:
+    TensorFlow's `<prefix>_temp/` directories and a half-written `state.json.tmp`. Only for
+    the job that holds the run directory, before it trains (the last complete checkpoint
+    is never touched). Returns what was removed."""
+    removed = []
+    for key_dir in pathlib.Path(run_dir, "checkpoints").glob("*"):
+        for partial in [*key_dir.glob("*_temp"), key_dir / (CheckpointStore.STATE_FILE + ".tmp")]:
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            elif partial.exists():
+                partial.unlink()
+            else:
+                continue
+            removed.append(partial)
+    return removed
 
 
 def _architecture(config: vae.VAEConfig) -> dict:

@@ -31,9 +31,27 @@ from vae.snapshot_format import version_directories
 if TYPE_CHECKING:  # TensorFlow: imported by `write` only, so reading the layout stays light
     import vae
 
-__all__ = ["SnapshotWriter"]
+__all__ = ["SnapshotWriter", "remove_staging"]
 
 STAGING_DIR = ".staging"
+# `<model>.last_version` in the staging directory: the highest version ever written.
+HIGH_WATER_MARK_SUFFIX = ".last_version"
+
+
+def remove_staging(run_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """Removes what writers killed mid-snapshot or mid-prune left in `snapshots/.staging/`,
+    keeping each model's record of the versions it used. Only for the job that holds the
+    run directory, before it trains. Returns what was removed."""
+    removed = []
+    for entry in sorted(pathlib.Path(run_dir, "snapshots", STAGING_DIR).glob("*")):
+        if entry.name.endswith(HIGH_WATER_MARK_SUFFIX):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 class SnapshotWriter:
@@ -49,7 +67,7 @@ class SnapshotWriter:
         # Staging lives beside the model directories (same file system, so the rename is
         # atomic) under a name TF Serving would never take for a model.
         self._staging = snapshots / STAGING_DIR
-        self._high_water_mark = self._staging / f"{model_name}.last_version"
+        self._high_water_mark = self._staging / f"{model_name}{HIGH_WATER_MARK_SUFFIX}"
         self._exporter: vae.Exporter | None = None
 
     def latest_version(self) -> int | None:
