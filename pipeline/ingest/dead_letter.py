@@ -46,6 +46,7 @@ REASONS: tuple[str, ...] = (
     "pickled_object",
     "unsupported_format",
     "invalid_key",
+    "too_large",
 )
 DEAD_LETTER_TAG = "dead_letter"
 EXCERPT_CHARS = 200

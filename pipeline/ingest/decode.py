@@ -2,7 +2,8 @@
 
 Decoding never raises for bad content: a file that cannot be parsed at all becomes exactly one
 :class:`~pipeline.ingest.dead_letter.DeadLetter` (``unparseable_file``, ``pickled_object``,
-``unsupported_format``, or ``non_numeric`` for an array of strings), and a bad row becomes one
+``unsupported_format``, ``too_large`` for one that holds or expands to more than
+``max_bytes``, or ``non_numeric`` for an array of strings), and a bad row becomes one
 dead letter for that row (``wrong_width``, ``non_numeric``, ``non_finite``,
 ``out_of_support``) while the rest of the file still trains. ``non_numeric`` also covers
 records that are not numbers in the expected form (a JSON line that is not an array or
@@ -21,6 +22,8 @@ File formats, chosen by suffix (:data:`SUPPORTED_SUFFIXES`):
   feature ``x`` and an optional ``bytes_list`` feature ``key``. A truncated file yields the
   complete records and one ``unparseable_file`` dead letter for the rest. The framing is
   checked, its CRCs are not (no CRC32C implementation among the dependencies).
+- any of these with ``.gz`` after it (``part-1.csv.gz``): gzip'd, decompressed within
+  ``max_bytes``.
 
 Rows without a key get ``default_key``. Valid rows are emitted as :class:`KeyedChunk`s
 (key, float32 [k, D] rows, source, positions) of at most :data:`CHUNK_ROWS` rows.
@@ -39,9 +42,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -65,6 +70,7 @@ from vae.config import check_likelihood
 
 __all__ = [
     "CHUNK_ROWS",
+    "DEFAULT_MAX_FILE_BYTES",
     "SUPPORTED_SUFFIXES",
     "DecodeFiles",
     "DecodeRecords",
@@ -75,6 +81,9 @@ __all__ = [
 
 SUPPORTED_SUFFIXES = (".npy", ".npz", ".csv", ".jsonl", ".tfrecord")
 CHUNK_ROWS = 1000
+# What one file may hold, or expand to (.npz, .gz): decoding takes a few times this much
+# memory, and a 2 MB archive of zeros can declare gigabytes.
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 
 _TFRECORD_HEADER = struct.Struct("<QI")  # record length, masked CRC32C of the length
 _TFRECORD_FOOTER_BYTES = 4  # masked CRC32C of the data
@@ -149,16 +158,25 @@ def decode_file(
     input_dim: int,
     likelihood: str,
     default_key: str,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[KeyedChunk | DeadLetter]:
     """Yields a `KeyedChunk` of valid rows and a DeadLetter for each rejection.
 
-    The format follows the suffix of ``path`` (see the module docstring). Raises only for
-    bad arguments (``likelihood``), never for bad content.
+    The format follows the suffix of ``path`` (see the module docstring); a further
+    ``.gz`` is decompressed first. Nothing the file holds may expand beyond ``max_bytes``
+    (after decompression, checked before allocating): such a file is one ``too_large``
+    dead letter. Raises only for bad arguments (``likelihood``), never for bad content.
     """
     check_likelihood(likelihood)
-    suffix = os.path.splitext(path)[1].lower()
+    name = path.lower()
+    compressed = name.endswith(".gz")
+    suffix = os.path.splitext(name.removesuffix(".gz"))[1]
     parser = _FILE_PARSERS.get(suffix)
     try:
+        if compressed:
+            data = _gunzip(data, max_bytes)
+        elif len(data) > max_bytes:
+            raise _FileError("too_large", f"{len(data):,} bytes, more than {max_bytes:,}")
         if parser is None:
             raise _FileError(
                 "unsupported_format",
@@ -166,7 +184,7 @@ def decode_file(
             )
         # Parsed and validated completely before anything is emitted, so that a file
         # rejected as a whole has trained nothing.
-        blocks, letters = parser(path, data, input_dim, default_key)
+        blocks, letters = parser(path, data, input_dim, default_key, max_bytes)
         items = [*letters, *_validated(path, blocks, input_dim, likelihood)]
     except _FileError as error:
         yield _file_letter(path, data, error.reason, error.detail)
@@ -175,6 +193,21 @@ def decode_file(
         yield _file_letter(path, data, "unparseable_file", f"cannot parse: {_describe(error)}")
         return
     yield from items
+
+
+def _gunzip(data: bytes, max_bytes: int) -> bytes:
+    """The content of gzip'd `data`, decompressed no further than `max_bytes` (a gzip bomb
+    of a few megabytes would otherwise fill the memory)."""
+    stream = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        content = stream.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise _FileError("unparseable_file", f"not gzip data: {exc}") from exc
+    if len(content) > max_bytes:
+        raise _FileError("too_large", f"it decompresses to more than {max_bytes:,} bytes")
+    if not stream.eof:
+        raise _FileError("unparseable_file", "truncated gzip data")
+    return content
 
 
 def _describe(error: BaseException) -> str:
@@ -227,16 +260,17 @@ def _validated(
 # --- NumPy ----------------------------------------------------------------------------------
 
 
-def _read_npy(data: bytes, what: str) -> np.ndarray:
+def _read_npy(data: bytes, what: str, max_bytes: int) -> np.ndarray:
     stream = io.BytesIO(data)
     try:
-        np.lib.format.read_magic(stream)
+        version = np.lib.format.read_magic(stream)
     except ValueError as exc:
         # np.load would take any non-.npy bytes for a pickle; say which it is without ever
         # unpickling: protocol 2+ pickles start with the PROTO opcode 0x80.
         if data[:1] == b"\x80":
             raise _FileError("pickled_object", f"{what} is a Python pickle, not .npy") from exc
         raise _FileError("unparseable_file", f"{what} is not .npy: {exc}") from exc
+    _check_npy_size(stream, version, what, len(data), max_bytes)
     stream.seek(0)
     try:
         array = np.lib.format.read_array(stream, allow_pickle=False)
@@ -254,6 +288,33 @@ def _read_npy(data: bytes, what: str) -> np.ndarray:
     return _as_rows(array)
 
 
+def _check_npy_size(
+    stream: io.BytesIO, version: tuple[int, int], what: str, size: int, max_bytes: int
+) -> None:
+    """Rejects an array whose header promises more than `max_bytes`, or more data than the
+    file holds, before NumPy allocates it (NumPy allocates first, then reads)."""
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0  # 3.0 differs only in the header's encoding
+    )
+    try:
+        shape, _, dtype = read_header(stream)
+    except Exception:  # NumPy rejects the header again in read_array, with its own message
+        return
+    if dtype.hasobject:
+        return  # refused as pickled data by read_array, before any allocation
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > max_bytes:
+        raise _FileError(
+            "too_large", f"{what} holds {needed:,} bytes, more than the {max_bytes:,} allowed"
+        )
+    if needed > size:
+        raise _FileError(
+            "unparseable_file", f"{what}: its header promises {needed:,} bytes, it has {size:,}"
+        )
+
+
 def _as_rows(array: np.ndarray) -> np.ndarray:
     """A 1-D array is one row; higher dimensions are flattened per row ([N, 28, 28] images)."""
     if array.ndim < 2:
@@ -262,28 +323,49 @@ def _as_rows(array: np.ndarray) -> np.ndarray:
 
 
 def _parse_npy(
-    path: str, data: bytes, input_dim: int, default_key: str
+    path: str, data: bytes, input_dim: int, default_key: str, max_bytes: int
 ) -> tuple[list[_Block], list[DeadLetter]]:
     del input_dim  # widths are checked by validation
-    rows = _read_npy(data, "the file")
+    rows = _read_npy(data, "the file", max_bytes)
     return [_Block(default_key, rows, "row", np.arange(len(rows)))], []
 
 
 def _parse_npz(
-    path: str, data: bytes, input_dim: int, default_key: str
+    path: str, data: bytes, input_dim: int, default_key: str, max_bytes: int
 ) -> tuple[list[_Block], list[DeadLetter]]:
     del input_dim
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = {name: archive.read(name) for name in archive.namelist()}
+            members = _npz_members(archive, max_bytes)
+    except _FileError:
+        raise
     except Exception as exc:  # BadZipFile, zlib.error, EOFError, ...
         raise _FileError("unparseable_file", f"not a readable .npz (zip) archive: {exc!r}") from exc
     blocks = []
     for name in sorted(members):
         array_name = name.removesuffix(".npy")
-        rows = _read_npy(members[name], f"array {array_name!r}")
+        rows = _read_npy(members[name], f"array {array_name!r}", max_bytes)
         blocks.append(_Block(default_key, rows, f"array {array_name!r} row", np.arange(len(rows))))
     return blocks, []
+
+
+def _npz_members(archive: zipfile.ZipFile, max_bytes: int) -> dict[str, bytes]:
+    """Every member, decompressed, as long as all of them stay within `max_bytes`: the sizes
+    the archive declares are checked first, and each read stops past the limit, since a
+    forged archive may declare less than it holds (a zip bomb)."""
+    declared = sum(info.file_size for info in archive.infolist())
+    if declared > max_bytes:
+        raise _FileError(
+            "too_large", f"the archive expands to {declared:,} bytes, more than {max_bytes:,}"
+        )
+    members, total = {}, 0
+    for info in archive.infolist():
+        with archive.open(info) as member:
+            members[info.filename] = member.read(max_bytes - total + 1)
+        total += len(members[info.filename])
+        if total > max_bytes:
+            raise _FileError("too_large", f"the archive expands to more than {max_bytes:,} bytes")
+    return members
 
 
 # --- Text -----------------------------------------------------------------------------------
@@ -316,7 +398,7 @@ def _is_number(cell: str) -> bool:
 
 
 def _parse_csv(
-    path: str, data: bytes, input_dim: int, default_key: str
+    path: str, data: bytes, input_dim: int, default_key: str, max_bytes: int
 ) -> tuple[list[_Block], list[DeadLetter]]:
     lines = _text_lines(path, data, default_key)
     if lines.texts and not any(_is_number(cell) for cell in lines.texts[0].split(",")):
@@ -382,7 +464,7 @@ def _parse_number_lines(texts: list[str]) -> np.ndarray | None:
 
 
 def _parse_jsonl(
-    path: str, data: bytes, input_dim: int, default_key: str
+    path: str, data: bytes, input_dim: int, default_key: str, max_bytes: int
 ) -> tuple[list[_Block], list[DeadLetter]]:
     lines = _text_lines(path, data, default_key)
     blocks, letters, parsed = _json_blocks(lines, input_dim)
@@ -529,7 +611,7 @@ def _parse_examples_at_once(
 
 
 def _parse_tfrecord(
-    path: str, data: bytes, input_dim: int, default_key: str
+    path: str, data: bytes, input_dim: int, default_key: str, max_bytes: int
 ) -> tuple[list[_Block], list[DeadLetter]]:
     payloads, truncated = _tfrecord_frames(data)
     if truncated is not None and not payloads:
@@ -582,6 +664,8 @@ def _parse_tfrecord(
     return blocks, letters
 
 
+# Each takes (path, data, input_dim, default_key, max_bytes); text and TFRecord content is
+# bounded by the bytes read, only NumPy's formats can expand beyond them.
 _FILE_PARSERS = {
     ".npy": _parse_npy,
     ".npz": _parse_npz,
@@ -613,21 +697,29 @@ class DecodeFiles(beam.DoFn):
 
     Use as ``beam.ParDo(DecodeFiles(...)).with_outputs(DEAD_LETTER_TAG, main="chunks")``. A
     file that cannot be read (e.g. deleted since it was matched) is an ``unparseable_file``
-    dead letter. Files are read whole: they are expected to fit in memory.
+    dead letter. Files are read whole, up to ``max_file_bytes`` (see `decode_file`).
     """
 
-    def __init__(self, input_dim: int, likelihood: str, default_key: str = "default") -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        likelihood: str,
+        default_key: str = "default",
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
         check_likelihood(likelihood)
         self._input_dim = input_dim
         self._likelihood = likelihood
         self._default_key = default_key
+        self._max_bytes = max_file_bytes
 
     def process(self, element: Any) -> Iterator[Any]:
         path = element if isinstance(element, str) else element.path
         try:
-            # UNCOMPRESSED: the suffix names the format, and .npz must not be "decompressed".
+            # UNCOMPRESSED: decode_file decompresses .gz itself, within the limit, and .npz
+            # must not be "decompressed". One byte past the limit says the file is too large.
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                data = f.read()
+                data = f.read(self._max_bytes + 1)
         except OSError as exc:
             yield beam.pvalue.TaggedOutput(
                 DEAD_LETTER_TAG,
@@ -635,7 +727,9 @@ class DecodeFiles(beam.DoFn):
             )
             return
         yield from _tagged(
-            decode_file(path, data, self._input_dim, self._likelihood, self._default_key)
+            decode_file(
+                path, data, self._input_dim, self._likelihood, self._default_key, self._max_bytes
+            )
         )
 
 

@@ -20,7 +20,13 @@ import apache_beam as beam
 import numpy as np
 
 from pipeline.ingest.dead_letter import DEAD_LETTER_TAG
-from pipeline.ingest.decode import DecodeFiles, DecodeRecords, KeyedChunk, ValidateChunks
+from pipeline.ingest.decode import (
+    DEFAULT_MAX_FILE_BYTES,
+    DecodeFiles,
+    DecodeRecords,
+    KeyedChunk,
+    ValidateChunks,
+)
 from pipeline.ingest.scenarios import ScenarioSpec
 from pipeline.ingest.sources import ReplayDataset, kafka_source, parse_source, read_files
 
@@ -74,6 +80,7 @@ class ReadExamples(beam.PTransform):
         max_examples: read at most this many (the dataset and Kafka sources).
         chunk_size: examples per element of the dataset source.
         poll_interval_seconds: how often a watched glob is listed.
+        max_file_bytes: what one file may hold, or expand to (`decode_file`).
         replay: what the dataset source replays.
         job_id: the sources stop when `pipeline.ingest.lifecycle.request_stop(job_id)`.
     """
@@ -89,6 +96,7 @@ class ReadExamples(beam.PTransform):
         max_examples: int | None = None,
         chunk_size: int = 1000,
         poll_interval_seconds: float = 1.0,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         replay: DatasetReplay = DatasetReplay(),
         job_id: str | None = None,
     ) -> None:
@@ -102,6 +110,7 @@ class ReadExamples(beam.PTransform):
         self.max_examples = max_examples
         self.chunk_size = chunk_size
         self.poll_interval_seconds = poll_interval_seconds
+        self.max_file_bytes = max_file_bytes
         self.replay = replay
         self.job_id = job_id
 
@@ -118,7 +127,9 @@ class ReadExamples(beam.PTransform):
                 )
                 | "Decode"
                 >> beam.ParDo(
-                    DecodeFiles(self.input_dim, self.likelihood, self.model_key)
+                    DecodeFiles(
+                        self.input_dim, self.likelihood, self.model_key, self.max_file_bytes
+                    )
                 ).with_outputs(DEAD_LETTER_TAG, main="chunks")
             )
             return decoded.chunks, decoded[DEAD_LETTER_TAG]

@@ -29,6 +29,7 @@ from pipeline.ingest.datasets import (
     dataset_shape,
     load_dataset,
 )
+from pipeline.ingest.decode import DEFAULT_MAX_FILE_BYTES
 from pipeline.ingest.read import DatasetReplay, ReadExamples
 from pipeline.ingest.scenarios import SCENARIOS, ScenarioSpec
 from pipeline.train import drift
@@ -197,6 +198,13 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=1.0,
         help="how often a watched files glob is listed (streaming)",
+    )
+    parser.add_argument(
+        "--max-file-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_FILE_BYTES,
+        help="what one file may hold or expand to (.npz, .gz), counted after decompression "
+        "and checked before allocating; larger files are dead letters (default 256 MiB)",
     )
 
 
@@ -409,6 +417,7 @@ def read_examples(
         max_examples=options.max_examples,
         chunk_size=options.chunk_size,
         poll_interval_seconds=options.poll_interval_seconds,
+        max_file_bytes=options.max_file_bytes,
         replay=DatasetReplay(
             options.dataset,
             data_dir=options.data_dir,
