@@ -2,6 +2,7 @@
 
 import doctest
 import itertools
+import os
 import pathlib
 import re
 import threading
@@ -283,20 +284,47 @@ def test_replay_argument_errors() -> None:
 
 def test_watch_state_emits_files_once_their_size_is_stable() -> None:
     state = sources._WatchState(next_poll=0.0, deadline=None)
-    state, ready = state.poll({"a": (10, 1.0), "empty": (0, 1.0)}, now=0.0, interval=1.0)
+    state, ready = state.poll({"a": (10, 0.5, 1), "empty": (0, 0.5, 2)}, now=0.0, interval=1.0)
     assert ready == [] and state.next_poll == 1.0
-    state, ready = state.poll({"a": (20, 2.0), "empty": (0, 1.0)}, now=1.0, interval=1.0)
+    state, ready = state.poll({"a": (20, 1.0, 1), "empty": (0, 0.5, 2)}, now=1.0, interval=1.0)
     assert ready == []  # still growing
-    state, ready = state.poll({"a": (20, 2.0), "b": (5, 2.0)}, now=2.0, interval=1.0)
+    state, ready = state.poll({"a": (20, 1.0, 1), "b": (5, 1.5, 3)}, now=2.0, interval=1.0)
     assert ready == ["a"]
-    state, ready = state.poll({"a": (99, 3.0), "b": (5, 2.0)}, now=3.0, interval=1.0)
+    state, ready = state.poll({"a": (20, 1.0, 1), "b": (5, 1.5, 3)}, now=3.0, interval=1.0)
     assert ready == ["b"]
-    state, ready = state.poll({"a": (99, 3.0), "b": (5, 2.0)}, now=4.0, interval=1.0)
-    assert ready == []  # a changed after it was emitted: not emitted again
-    assert state.emitted == {"a", "b"} and state.pending == ()
+    state, ready = state.poll({"a": (20, 1.0, 1), "b": (5, 1.5, 3)}, now=4.0, interval=1.0)
+    assert ready == [] and state.pending == ()
+    assert state.emitted == {("a", (20, 1.0, 1)), ("b", (5, 1.5, 3))}
     # A file that disappears is forgotten; if it comes back, it is a new file.
-    state, _ = state.poll({"b": (5, 2.0)}, now=5.0, interval=1.0)
-    assert state.emitted == {"b"}
+    state, _ = state.poll({"b": (5, 1.5, 3)}, now=5.0, interval=1.0)
+    assert state.emitted == {("b", (5, 1.5, 3))}
+
+
+def test_watch_state_reads_new_content_under_a_name_already_read() -> None:
+    # Content renamed over a name that was read has another inode (and mtime): it is new.
+    state = sources._WatchState(next_poll=0.0, deadline=None)
+    for now in (0.0, 1.0):
+        state, ready = state.poll({"a": (8, 0.0, 1)}, now=now, interval=1.0)
+    assert ready == ["a"]
+    for now, expected in ((2.0, []), (3.0, ["a"]), (4.0, [])):
+        state, ready = state.poll({"a": (8, 1.5, 2)}, now=now, interval=1.0)
+        assert ready == expected, now
+
+
+def test_watch_state_waits_until_a_file_settled() -> None:
+    # A writer that pauses longer than a poll: the size is the same twice, but the file was
+    # modified less than settle_seconds ago, so it is not read half-written.
+    state = sources._WatchState(next_poll=0.0, deadline=None)
+    half = {"a": (100, 10.0, 1)}
+    for now in (10.5, 11.5, 12.5):
+        state, ready = state.poll(half, now=now, interval=1.0, settle_seconds=5.0)
+        assert ready == []
+    whole = {"a": (200, 13.0, 1)}
+    for now in (13.5, 14.5, 17.5):
+        state, ready = state.poll(whole, now=now, interval=1.0, settle_seconds=5.0)
+        assert ready == []
+    state, ready = state.poll(whole, now=18.0, interval=1.0, settle_seconds=5.0)
+    assert ready == ["a"]
 
 
 def test_watch_tracker_checkpoints_carry_the_state() -> None:
@@ -335,12 +363,13 @@ def test_watch_files_streams_new_files_once_and_stops_on_request(
         try:
             (watched / "a.csv").write_text("0,0,0,0\n0,0,0,1\n0,0,1,0\n")
             _wait_for(lambda: len(rows()) >= 3)
-            # Appending to an emitted file does not emit it again.
-            with (watched / "a.csv").open("a") as f:
-                f.write("1,1,1,1\n")
+            # New content renamed over a name already read is read: write, then rename.
+            staged = tmp_path / "a.csv.partial"
+            staged.write_text("1,1,1,1\n")
+            os.replace(staged, watched / "a.csv")
             (watched / "b.npy").write_bytes(b"\x93NUMPY truncated")
             (watched / "c.jsonl").write_text('{"x": [1, 0, 0, 0], "key": "c"}\n[0, 1, 1, 1]\n')
-            _wait_for(lambda: len(rows()) >= 5 and len(_collected.get(letters_tag, [])) >= 1)
+            _wait_for(lambda: len(rows()) >= 6 and len(_collected.get(letters_tag, [])) >= 1)
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
         finally:
@@ -357,6 +386,7 @@ def test_watch_files_streams_new_files_once_and_stops_on_request(
                     poll_interval_seconds=0.05,
                     job_id=job,
                     stop_after_seconds=90,
+                    settle_seconds=0.2,
                 )
                 | beam.ParDo(DecodeFiles(4, "bernoulli")).with_outputs(
                     DEAD_LETTER_TAG, main="chunks"
@@ -373,6 +403,7 @@ def test_watch_files_streams_new_files_once_and_stops_on_request(
             ("default", [0, 0, 0, 0]),
             ("default", [0, 0, 0, 1]),
             ("default", [0, 0, 1, 0]),
+            ("default", [1, 1, 1, 1]),
             ("c", [1, 0, 0, 0]),
             ("default", [0, 1, 1, 1]),
         ]

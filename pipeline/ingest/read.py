@@ -28,7 +28,13 @@ from pipeline.ingest.decode import (
     ValidateChunks,
 )
 from pipeline.ingest.scenarios import ScenarioSpec
-from pipeline.ingest.sources import ReplayDataset, kafka_source, parse_source, read_files
+from pipeline.ingest.sources import (
+    DEFAULT_SETTLE_SECONDS,
+    ReplayDataset,
+    kafka_source,
+    parse_source,
+    read_files,
+)
 
 __all__ = ["DatasetReplay", "KeyedChunk", "ReadExamples"]
 
@@ -80,6 +86,7 @@ class ReadExamples(beam.PTransform):
         max_examples: read at most this many (the dataset and Kafka sources).
         chunk_size: examples per element of the dataset source.
         poll_interval_seconds: how often a watched glob is listed.
+        settle_seconds: how long a watched file must stay unmodified before it is read.
         max_file_bytes: what one file may hold, or expand to (`decode_file`).
         replay: what the dataset source replays.
         job_id: the sources stop when `pipeline.ingest.lifecycle.request_stop(job_id)`.
@@ -96,6 +103,7 @@ class ReadExamples(beam.PTransform):
         max_examples: int | None = None,
         chunk_size: int = 1000,
         poll_interval_seconds: float = 1.0,
+        settle_seconds: float = DEFAULT_SETTLE_SECONDS,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         replay: DatasetReplay = DatasetReplay(),
         job_id: str | None = None,
@@ -110,6 +118,7 @@ class ReadExamples(beam.PTransform):
         self.max_examples = max_examples
         self.chunk_size = chunk_size
         self.poll_interval_seconds = poll_interval_seconds
+        self.settle_seconds = settle_seconds
         self.max_file_bytes = max_file_bytes
         self.replay = replay
         self.job_id = job_id
@@ -124,6 +133,7 @@ class ReadExamples(beam.PTransform):
                     streaming=self.streaming,
                     job_id=self.job_id,
                     poll_interval_seconds=self.poll_interval_seconds,
+                    settle_seconds=self.settle_seconds,
                 )
                 | "Decode"
                 >> beam.ParDo(

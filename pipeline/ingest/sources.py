@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -76,6 +77,8 @@ _SECONDS_PER_CHECKPOINT = 1.0
 # delay, which runners that honour delays then use.
 _MAX_WAIT_PER_INVOCATION = 1.0
 _SLEEP_SLICE = 0.05
+# How long a watched file must stay unmodified before it is read.
+DEFAULT_SETTLE_SECONDS = 2.0
 _KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
@@ -358,41 +361,65 @@ class ReplayDataset(beam.PTransform):
 # --- Files ----------------------------------------------------------------------------------
 
 
+# What says a file is the same file with the same content: size, mtime and inode (0 where the
+# file system has none to tell, e.g. object stores).
+FileIdentity = tuple[int, float, int]
+
+
 @dataclasses.dataclass(frozen=True)
 class _WatchState:
     """The restriction of a file watch: everything it must remember across checkpoints."""
 
     next_poll: float  # time.time() of the next poll
     deadline: float | None  # time.time() after which the watch ends (stop_after_seconds)
-    emitted: frozenset[str] = frozenset()
-    # (path, size, mtime) of the files seen in the last poll and not emitted yet.
-    pending: tuple[tuple[str, int, float], ...] = ()
+    # (path, identity) of the files emitted and still there unchanged.
+    emitted: frozenset[tuple[str, FileIdentity]] = frozenset()
+    # (path, identity) of the files seen in the last poll and not emitted yet.
+    pending: tuple[tuple[str, FileIdentity], ...] = ()
     done: bool = False
 
     def poll(
-        self, matches: Mapping[str, tuple[int, float]], now: float, interval: float
+        self,
+        matches: Mapping[str, FileIdentity],
+        now: float,
+        interval: float,
+        settle_seconds: float = 0.0,
     ) -> tuple[_WatchState, list[str]]:
-        """(next state, paths to emit now) after a poll that found ``{path: (size, mtime)}``.
+        """(next state, paths to emit now) after a poll that found ``{path: identity}``.
 
-        A file is emitted once its size and mtime are the same in two consecutive polls,
-        it is not empty, and it was not emitted before. A file gone from the match is
-        forgotten (so the state does not grow forever): if it reappears, it is new.
+        A file is emitted once it is complete: not empty, the same in two consecutive polls,
+        and unmodified for ``settle_seconds`` (a writer that pauses for less is never read
+        half-way). Files are known by path and identity, so new content under a name read
+        before -- renamed over it, or rewritten -- is emitted again once complete. A file
+        gone from the match is forgotten (so the state does not grow forever).
         """
-        # Emitted files are never pending, so they are never ready again.
-        previous = {path: (size, mtime) for path, size, mtime in self.pending}
+        current = set(matches.items())
+        emitted = self.emitted & current
+        previous = dict(self.pending)
         ready = sorted(
-            path for path, stat in matches.items() if stat[0] > 0 and previous.get(path) == stat
+            path
+            for path, identity in matches.items()
+            if identity[0] > 0
+            and previous.get(path) == identity
+            and now - identity[1] >= settle_seconds
+            and (path, identity) not in emitted
         )
-        emitted = (self.emitted | set(ready)) & matches.keys()
-        pending = tuple(
-            (path, size, mtime)
-            for path, (size, mtime) in sorted(matches.items())
-            if path not in emitted
-        )
+        emitted |= {(path, matches[path]) for path in ready}
+        pending = tuple(sorted(current - emitted))
         state = dataclasses.replace(
             self, next_poll=now + interval, emitted=frozenset(emitted), pending=pending
         )
         return state, ready
+
+
+def _inode(path: str) -> int:
+    """The inode of a local file (new content renamed over a name has a new one), else 0."""
+    if "://" in path:
+        return 0
+    try:
+        return os.stat(path).st_ino
+    except OSError:  # gone since the match: the next poll forgets it
+        return 0
 
 
 class _WatchTracker(RestrictionTracker):
@@ -439,11 +466,13 @@ class _WatchFn(beam.DoFn, RestrictionProvider):
         poll_interval_seconds: float,
         job_id: str | None,
         stop_after_seconds: float | None,
+        settle_seconds: float,
     ) -> None:
         self._pattern = pattern
         self._interval = poll_interval_seconds
         self._job_id = job_id
         self._stop_after = stop_after_seconds
+        self._settle = settle_seconds
 
     def initial_restriction(self, element: Any) -> _WatchState:
         now = time.time()
@@ -461,14 +490,17 @@ class _WatchFn(beam.DoFn, RestrictionProvider):
             return True
         return state.deadline is not None and time.time() >= state.deadline
 
-    def _match(self) -> dict[str, tuple[int, float]] | None:
+    def _match(self) -> dict[str, FileIdentity] | None:
         try:
             (result,) = FileSystems.match([self._pattern])
         except BeamIOError as exc:
             # A transient error (e.g. a network file system) must not end an unbounded job.
             logger.warning("Polling %s failed, will retry: %s", self._pattern, exc)
             return None
-        return {m.path: (m.size_in_bytes, m.last_updated_in_seconds) for m in result.metadata_list}
+        return {
+            m.path: (m.size_in_bytes, m.last_updated_in_seconds, _inode(m.path))
+            for m in result.metadata_list
+        }
 
     def process(
         self,
@@ -491,7 +523,7 @@ class _WatchFn(beam.DoFn, RestrictionProvider):
         if matches is None:
             state, ready = dataclasses.replace(state, next_poll=now + self._interval), []
         else:
-            state, ready = state.poll(matches, now, self._interval)
+            state, ready = state.poll(matches, now, self._interval, self._settle)
         if not tracker.try_claim(state):
             return
         for path in ready:
@@ -500,18 +532,21 @@ class _WatchFn(beam.DoFn, RestrictionProvider):
 
 
 class WatchFiles(beam.PTransform):
-    """PBegin -> file paths (unbounded): polls ``pattern`` and emits each new file once.
+    """PBegin -> file paths (unbounded): polls ``pattern`` and emits each file once complete.
 
-    A file is emitted when it is non-empty and its size and modification time are the same
-    in two consecutive polls, so a file still being written is not read half-way (unless its
-    writer pauses for longer than a poll interval: writers that can, should write to a name
-    the glob does not match and rename). Files are deduplicated by path: a file that is
-    later modified or appended to is NOT emitted again; one deleted and re-created is.
-    New files therefore appear one to two poll intervals after they are complete.
+    A file is emitted when it is non-empty, its size, modification time and inode are the
+    same in two consecutive polls, and it was not modified for ``settle_seconds``: a file
+    still being written is not read half-way unless its writer pauses for longer than that
+    (producers should write to a name the glob does not match and rename, which is atomic).
+    Files are known by path and identity: new content under a name already read (renamed
+    over it, or rewritten) is emitted again, whole; so a file that is appended to is read
+    again whole, and producers should add files rather than grow them. New files appear
+    one to two poll intervals after they settled.
 
     The watch ends when ``pipeline.ingest.lifecycle.stop_requested(job_id)`` or after
-    ``stop_after_seconds`` (for tests and demos). What it remembers (emitted paths, files
-    waiting to be stable) is its restriction, so it survives checkpoints and restarts.
+    ``stop_after_seconds`` (for tests and demos). What it remembers (files emitted, files
+    waiting to be stable) is its restriction, so it survives the runner's checkpoints; a
+    restarted job starts a new watch.
     """
 
     def __init__(
@@ -520,11 +555,16 @@ class WatchFiles(beam.PTransform):
         poll_interval_seconds: float = 1.0,
         job_id: str | None = None,
         stop_after_seconds: float | None = None,
+        settle_seconds: float = DEFAULT_SETTLE_SECONDS,
     ) -> None:
         super().__init__()
         if not poll_interval_seconds > 0:
             raise ValueError(f"poll_interval_seconds must be positive, got {poll_interval_seconds}")
-        self._fn = _WatchFn(pattern, poll_interval_seconds, job_id, stop_after_seconds)
+        if not settle_seconds >= 0:
+            raise ValueError(f"settle_seconds must not be negative, got {settle_seconds}")
+        self._fn = _WatchFn(
+            pattern, poll_interval_seconds, job_id, stop_after_seconds, settle_seconds
+        )
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return pbegin | "Impulse" >> beam.Impulse() | "Watch" >> beam.ParDo(self._fn)
@@ -566,10 +606,16 @@ def read_files(
     streaming: bool,
     job_id: str | None = None,
     poll_interval_seconds: float = 1.0,
+    settle_seconds: float = DEFAULT_SETTLE_SECONDS,
 ) -> beam.PTransform:
     """:class:`WatchFiles` when streaming, else :class:`ReadFiles`."""
     if streaming:
-        return WatchFiles(pattern, poll_interval_seconds=poll_interval_seconds, job_id=job_id)
+        return WatchFiles(
+            pattern,
+            poll_interval_seconds=poll_interval_seconds,
+            job_id=job_id,
+            settle_seconds=settle_seconds,
+        )
     return ReadFiles(pattern)
 
 

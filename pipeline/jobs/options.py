@@ -32,6 +32,7 @@ from pipeline.ingest.datasets import (
 from pipeline.ingest.decode import DEFAULT_MAX_FILE_BYTES
 from pipeline.ingest.read import DatasetReplay, ReadExamples
 from pipeline.ingest.scenarios import SCENARIOS, ScenarioSpec
+from pipeline.ingest.sources import DEFAULT_SETTLE_SECONDS
 from pipeline.train import drift
 from pipeline.train.adaptation import (
     ADAPTATIONS,
@@ -198,6 +199,13 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=1.0,
         help="how often a watched files glob is listed (streaming)",
+    )
+    parser.add_argument(
+        "--file-settle-seconds",
+        type=non_negative_float,
+        default=DEFAULT_SETTLE_SECONDS,
+        help="a watched file is read once unmodified for this long (default %(default)s); "
+        "producers should write under another name and rename",
     )
     parser.add_argument(
         "--max-file-bytes",
@@ -417,6 +425,7 @@ def read_examples(
         max_examples=options.max_examples,
         chunk_size=options.chunk_size,
         poll_interval_seconds=options.poll_interval_seconds,
+        settle_seconds=options.file_settle_seconds,
         max_file_bytes=options.max_file_bytes,
         replay=DatasetReplay(
             options.dataset,
