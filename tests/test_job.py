@@ -6,6 +6,7 @@ about the `aevb` console script (subprocesses: ~5 s of imports each). Models are
 Every wait is bounded by a deadline; no test sleeps for luck.
 """
 
+import gzip
 import io
 import json
 import os
@@ -249,12 +250,14 @@ def test_batch_job_writes_one_dead_letter_per_bad_record_and_trains_the_rest(
         "pickle.npy": pickle.dumps({"rows": [[0.0] * D]}),
         "notes.txt": b"not data\n",
         "keys.jsonl": _jsonl([{"key": "no spaces allowed", "x": [0] * D}, [1] * D]),
+        "bomb.csv.gz": gzip.compress(f"{row}\n".encode() * 1000),  # 16,000 bytes > 4,096
     }
     for name, data in contents.items():
         (inbox / name).write_bytes(data)
     valid_rows = len(good) + 2 + 1 + 1  # good.npy, non_numeric.csv, non_finite/keys.jsonl
 
-    options = _options(run, f"--source=files:{inbox}/*", *FILES_INPUT, *TINY)
+    limit = "--max-file-bytes=4096"
+    options = _options(run, f"--source=files:{inbox}/*", limit, *FILES_INPUT, *TINY)
     result = run_training(options)
     assert result is not None and result.state == "DONE"
 
@@ -263,6 +266,7 @@ def test_batch_job_writes_one_dead_letter_per_bad_record_and_trains_the_rest(
 
     letters = _dead_letters(run)
     assert _letter_keys(letters) == [
+        (at("bomb.csv.gz"), "too_large", None),
         (at("keys.jsonl"), "invalid_key", 1),
         (at("non_finite.jsonl"), "non_finite", 2),
         (at("non_numeric.csv"), "non_numeric", 2),
