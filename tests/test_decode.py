@@ -383,6 +383,7 @@ def test_dead_letter_rejects_unknown_reasons_and_serialises() -> None:
         "detail": "d",
         "record": "row 3: nan",
         "position": 3,
+        "origin": None,
     }
 
 

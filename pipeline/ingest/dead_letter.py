@@ -64,6 +64,9 @@ class DeadLetter:
     detail: str
     record: str
     position: int | None = None
+    # The content digest of the file it came from (`pipeline.ingest.decode.content_origin`),
+    # so that a restarted job that reads the file again writes none of its letters twice.
+    origin: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:

@@ -26,20 +26,21 @@ File formats, chosen by suffix (:data:`SUPPORTED_SUFFIXES`):
   ``max_bytes``.
 
 Rows without a key get ``default_key``. Valid rows are emitted as :class:`KeyedChunk`s
-(key, float32 [k, D] rows, source, positions) of at most :data:`CHUNK_ROWS` rows.
+(key, float32 [k, D] rows, source, positions, origin) of at most :data:`CHUNK_ROWS` rows.
 
 >>> data = b"x0,x1\\n0.0,1.0\\n0.5,oops\\n1.0,0.25\\n"
->>> for item in decode_file("a.csv", data, 2, "bernoulli", "default"):
-...     print(item)
+>>> letter, chunk = decode_file("a.csv", data, 2, "bernoulli", "default")
+>>> letter
 DeadLetter(source='a.csv', reason='non_numeric', detail="cell 2 ('oops') is not a number", \
 record='line 3: 0.5,oops', position=3)
-KeyedChunk(key='default', rows=array([[0.  , 1.  ],
-       [1.  , 0.25]], dtype=float32), source='a.csv', positions=array([2, 4]))
+>>> chunk.key, chunk.rows.tolist(), chunk.positions.tolist(), chunk.origin == content_origin(data)
+('default', [[0.0, 1.0], [1.0, 0.25]], [2, 4], True)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -76,6 +77,7 @@ __all__ = [
     "DecodeRecords",
     "KeyedChunk",
     "ValidateChunks",
+    "content_origin",
     "decode_file",
 ]
 
@@ -97,12 +99,15 @@ class KeyedChunk:
 
     ``positions`` gives each row's place in its source as dead letters count it (int64
     [k]), or is None where unknown or meaningless (Kafka messages, data-set replays).
+    ``origin`` names a file's content (`content_origin`): the trainer's read ledger counts
+    positions per origin, so that a restarted job trains no record twice.
     """
 
     key: str
     rows: np.ndarray  # float32 [k, D], C-contiguous
     source: str
     positions: np.ndarray | None = None
+    origin: str | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -187,12 +192,14 @@ def decode_file(
         blocks, letters = parser(path, data, input_dim, default_key, max_bytes)
         items = [*letters, *_validated(path, blocks, input_dim, likelihood)]
     except _FileError as error:
-        yield _file_letter(path, data, error.reason, error.detail)
-        return
+        items = [_file_letter(path, data, error.reason, error.detail)]
     except Exception as error:  # no input may end the job (RecursionError, MemoryError, ...)
-        yield _file_letter(path, data, "unparseable_file", f"cannot parse: {_describe(error)}")
-        return
-    yield from items
+        items = [_file_letter(path, data, "unparseable_file", f"cannot parse: {_describe(error)}")]
+    # Everything a file yields names its content: a restarted job that reads it again trains
+    # no record twice (the trainer's read ledger) and writes no dead letter twice.
+    origin = content_origin(data)
+    for item in items:
+        yield dataclasses.replace(item, origin=origin)
 
 
 def _gunzip(data: bytes, max_bytes: int) -> bytes:
@@ -218,6 +225,16 @@ def _describe(error: BaseException) -> str:
 def _file_letter(source: str, data: bytes, reason: str, detail: str) -> DeadLetter:
     record = record_locator(f"file of {len(data)} bytes", None, repr(data[:_RAW_EXCERPT_BYTES]))
     return DeadLetter(source, reason, detail, record)
+
+
+def content_origin(data: bytes) -> str:
+    """What names a file's content: a digest of its bytes (the same name with new content is
+    another file; the same content under another name is the same one).
+
+    >>> content_origin(b"0,1\\n")
+    'b2:549cce2198b211eb7bedefd0259ac5b1'
+    """
+    return "b2:" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _validated(

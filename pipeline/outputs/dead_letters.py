@@ -1,9 +1,10 @@
 """Writing and counting dead letters: ``RUN_DIR/dead_letter/dead_letter-<host>-<pid>.jsonl``.
 
 Each line is a JSON object with the `pipeline.ingest.dead_letter.DeadLetter` fields and
-``seen_unix_seconds``. Every letter is counted in the Beam counter
-``aevb/records_rejected_total_<reason>`` and, when the job exports Prometheus metrics, in
-``aevb_records_rejected_total{model, reason}``.
+``seen_unix_seconds``. A letter of a file already written (same content, position and
+reason: a restarted job reading its files again) is not written or counted again. Every
+letter is counted in the Beam counter ``aevb/records_rejected_total_<reason>`` and, when the
+job exports Prometheus metrics, in ``aevb_records_rejected_total{model, reason}``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.ingest.dead_letter import REASONS, DeadLetter
 from pipeline.outputs import metrics
-from pipeline.outputs.jsonl import WorkerJsonLines
+from pipeline.outputs.jsonl import WorkerJsonLines, read_json_lines
 from pipeline.train.counters import NAMESPACE, beam_counter_name
 
 __all__ = ["DEAD_LETTER_DIR", "DEAD_LETTER_PREFIX", "WriteDeadLetters"]
@@ -34,6 +35,13 @@ class _WriteDeadLettersFn(beam.DoFn):
         self._prometheus = prometheus
 
     def setup(self) -> None:
+        directory = os.path.join(self._run_dir, DEAD_LETTER_DIR)
+        # A restarted job reads its files again: their letters are written once only.
+        self._written = {
+            (letter["origin"], letter["position"], letter["reason"])
+            for letter in read_json_lines(directory, DEAD_LETTER_PREFIX)
+            if letter.get("origin") is not None
+        }
         self._counters = {
             reason: Metrics.counter(
                 NAMESPACE, beam_counter_name("aevb_records_rejected_total", reason)
@@ -41,13 +49,16 @@ class _WriteDeadLettersFn(beam.DoFn):
             for reason in REASONS
         }
         # Dead letters are rare and are what one inspects after a crash: never buffered.
-        self._file = WorkerJsonLines(
-            os.path.join(self._run_dir, DEAD_LETTER_DIR), DEAD_LETTER_PREFIX, flush_every_line=True
-        )
+        self._file = WorkerJsonLines(directory, DEAD_LETTER_PREFIX, flush_every_line=True)
         if self._prometheus:
             metrics.init_rejected(self._model_key, REASONS)
 
     def process(self, letter: DeadLetter) -> Iterator[DeadLetter]:
+        if letter.origin is not None:
+            seen = (letter.origin, letter.position, letter.reason)
+            if seen in self._written:
+                return
+            self._written.add(seen)
         self._file.write({**dataclasses.asdict(letter), "seen_unix_seconds": time.time()})
         self._counters[letter.reason].inc()
         if self._prometheus:

@@ -27,6 +27,7 @@ import shutil
 import tensorflow as tf
 
 import vae
+from pipeline.train.read_ledger import ReadLedger
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -36,14 +37,19 @@ class CheckpointStore:
     """Saves and restores one trainer's state in a directory of its own.
 
     Beside the TensorFlow checkpoint it keeps `state.json` (step, examples seen), which
-    a job reads to resume its source without importing TensorFlow.
+    a job reads to resume its source without importing TensorFlow, and with each
+    checkpoint its `read_ledger` (`pipeline.train.read_ledger`): the file records that
+    checkpoint has learned from, restored with it.
     """
 
     STATE_FILE = "state.json"
+    # `read_ledger-<N>.json` beside `ckpt-<N>`: which file records checkpoint N has learned.
+    LEDGER_PREFIX = "read_ledger-"
 
     def __init__(self, directory: str | os.PathLike, trainer: vae.Trainer, max_to_keep: int = 3):
         self.directory = pathlib.Path(directory)
         self.trainer = trainer
+        self.read_ledger = ReadLedger()
         self._manager = tf.train.CheckpointManager(
             trainer.checkpoint(), os.fspath(self.directory), max_to_keep=max_to_keep
         )
@@ -69,6 +75,9 @@ class CheckpointStore:
                 "use another --output or the same model flags"
             )
         self._manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        ledger = self._ledger_path(_checkpoint_number(latest))
+        if ledger.exists():
+            self.read_ledger = ReadLedger.from_dict(json.loads(ledger.read_text()))
         logger.info(
             "restored %s: step %d, %d examples seen",
             latest,
@@ -83,12 +92,33 @@ class CheckpointStore:
         config_path = self.directory / CONFIG_FILE
         if not config_path.exists():
             config_path.write_text(json.dumps(self.trainer.config.to_dict(), indent=2))
+        # The ledger first, under the number the checkpoint will have: a checkpoint on disk
+        # always has its ledger, and one killed before it was written is never restored.
+        _write_atomically(
+            self._ledger_path(self.trainer.step), json.dumps(self.read_ledger.to_dict())
+        )
         prefix = self._manager.save(checkpoint_number=self.trainer.step)
+        kept = {_checkpoint_number(path) for path in self._manager.checkpoints}
+        for ledger in self.directory.glob(f"{self.LEDGER_PREFIX}*.json"):
+            if int(ledger.stem.removeprefix(self.LEDGER_PREFIX)) not in kept:
+                ledger.unlink(missing_ok=True)
         state = {"step": self.trainer.step, "examples_seen": self.trainer.examples_seen}
-        staged = self.directory / (self.STATE_FILE + ".tmp")
-        staged.write_text(json.dumps(state))
-        os.replace(staged, self.directory / self.STATE_FILE)
+        _write_atomically(self.directory / self.STATE_FILE, json.dumps(state))
         return prefix
+
+    def _ledger_path(self, number: int) -> pathlib.Path:
+        return self.directory / f"{self.LEDGER_PREFIX}{number}.json"
+
+
+def _checkpoint_number(prefix: str) -> int:
+    """N of a checkpoint prefix `.../ckpt-N`."""
+    return int(prefix.rsplit("-", 1)[1])
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text)
+    os.replace(staged, path)
 
 
 def checkpointed_examples(run_dir: str | os.PathLike, key: str) -> int:
@@ -102,12 +132,12 @@ def checkpointed_examples(run_dir: str | os.PathLike, key: str) -> int:
 
 def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[pathlib.Path]:
     """Removes what a writer killed mid-checkpoint left under `run_dir/checkpoints/`:
-    TensorFlow's `<prefix>_temp/` directories and a half-written `state.json.tmp`. Only for
+    TensorFlow's `<prefix>_temp/` directories and half-written `*.json.tmp` files. Only for
     the job that holds the run directory, before it trains (the last complete checkpoint
     is never touched). Returns what was removed."""
     removed = []
     for key_dir in pathlib.Path(run_dir, "checkpoints").glob("*"):
-        for partial in [*key_dir.glob("*_temp"), key_dir / (CheckpointStore.STATE_FILE + ".tmp")]:
+        for partial in [*key_dir.glob("*_temp"), *key_dir.glob("*.json.tmp")]:
             if partial.is_dir():
                 shutil.rmtree(partial, ignore_errors=True)
             elif partial.exists():

@@ -127,14 +127,34 @@ class TrainingSession:
     def examples_seen(self) -> int:
         return self.trainer.examples_seen
 
-    def train(self, batch: np.ndarray, event_time: float | None = None) -> TrainingRecord:
-        """One test-then-train step on `batch`, then whatever the cadence asks for."""
-        with self._lock:
-            return self._train(batch, event_time)
+    def train(
+        self,
+        batch: np.ndarray,
+        event_time: float | None = None,
+        read: Sequence[tuple[str, np.ndarray]] = (),
+    ) -> TrainingRecord:
+        """One test-then-train step on `batch`, then whatever the cadence asks for.
 
-    def _train(self, batch: np.ndarray, event_time: float | None) -> TrainingRecord:
+        `read` names the file records of `batch`, as (origin, positions) pairs: they join
+        the key's read ledger, saved with its next checkpoint (see `unread`).
+        """
+        with self._lock:
+            return self._train(batch, event_time, read)
+
+    def unread(self, origin: str, positions: np.ndarray) -> np.ndarray:
+        """Which of these records of file `origin` the model has not learned from yet (a
+        mask): a restarted job reads its files again, and the checkpoint's ledger says
+        which records its model already holds."""
+        return self.checkpoints.read_ledger.unread(origin, positions)
+
+    def _train(
+        self, batch: np.ndarray, event_time: float | None, read: Sequence[tuple[str, np.ndarray]]
+    ) -> TrainingRecord:
         started = time.perf_counter()
         result = self.trainer.train_step(batch)
+        # Scored and applied, or skipped as non-finite: either way done with, never retried.
+        for origin, positions in read:
+            self.checkpoints.read_ledger.add(origin, positions)
         step_seconds = time.perf_counter() - started
         now = self.clock()
         record = TrainingRecord(

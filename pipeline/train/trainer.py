@@ -131,16 +131,39 @@ class TrainVAE(beam.PTransform):
             examples
             | "KeyChunks"
             >> beam.Map(
-                as_keyed_chunk, self.default_key, self.spec.config.input_dim
+                as_keyed_rows, self.default_key, self.spec.config.input_dim
             ).with_output_types(Tuple[str, AnyHint])
             | "TrainPerKey" >> beam.ParDo(TrainerDoFn(self.spec, self.clock))
         )
 
 
-def as_keyed_chunk(element: Any, default_key: str, input_dim: int) -> tuple[str, np.ndarray]:
-    """(key, float32 [k, D]) from any element form `TrainVAE` accepts."""
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds arrays
+class Rows:
+    """Examples of one key on their way to a minibatch, and the file records they are.
+
+    ``origin`` (the file's content digest) and ``positions`` (its records') are None for
+    rows that come from no file: a data-set replay, Kafka.
+    """
+
+    rows: np.ndarray  # float32 [k, D]
+    origin: str | None = None
+    positions: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self) -> list[tuple[str, np.ndarray]]:
+        """The (origin, positions) a session's read ledger takes."""
+        return [] if self.origin is None else [(self.origin, self.positions)]
+
+
+def as_keyed_rows(element: Any, default_key: str, input_dim: int) -> tuple[str, Rows]:
+    """(key, `Rows`) from any element form `TrainVAE` accepts."""
+    origin = positions = None
     if isinstance(element, KeyedChunk):
         key, values = element.key, element.rows
+        if element.origin is not None and element.positions is not None:
+            origin, positions = element.origin, element.positions
     elif isinstance(element, tuple):
         key, values = element
     else:
@@ -154,7 +177,25 @@ def as_keyed_chunk(element: Any, default_key: str, input_dim: int) -> tuple[str,
             f"{chunk.shape}; validate input upstream (pipeline.ingest.validation) so bad records "
             "go to the dead-letter output"
         )
-    return str(key), chunk
+    return str(key), Rows(chunk, origin, positions)
+
+
+def _slice(parts: list[Rows], start: int, end: int) -> list[Rows]:
+    """Rows [start, end) of the parts laid end to end, still as parts (views, no copies)."""
+    out, offset = [], 0
+    for part in parts:
+        low, high = max(start, offset) - offset, min(end, offset + len(part)) - offset
+        if low < high:
+            positions = None if part.positions is None else part.positions[low:high]
+            out.append(Rows(part.rows[low:high], part.origin, positions))
+        offset += len(part)
+    return out
+
+
+def _joined(parts: list[Rows]) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """One minibatch from parts: its rows and the file records they are."""
+    rows = parts[0].rows if len(parts) == 1 else np.concatenate([part.rows for part in parts])
+    return rows, [read for part in parts for read in part.read()]
 
 
 class TrainerDoFn(beam.DoFn):
@@ -181,28 +222,29 @@ class TrainerDoFn(beam.DoFn):
 
     def process(
         self,
-        element: tuple[str, np.ndarray],
+        element: tuple[str, Rows],
         timestamp=beam.DoFn.TimestampParam,
         pending=beam.DoFn.StateParam(PENDING),
         flush=beam.DoFn.TimerParam(FLUSH),
         end_of_input=beam.DoFn.TimerParam(END_OF_INPUT),
     ) -> Iterator[TrainingRecord]:
-        key, chunk = element
+        key, part = element
         session = self._session(key)
+        part = _unread(session, part)
         buffered = list(pending.read())
-        rows = np.concatenate([*buffered, chunk]) if buffered else chunk
-        rows = self._within_limit(session, rows)
+        parts = self._within_limit(session, [*buffered, part])
+        total = sum(len(p) for p in parts)
         batch_size = self.spec.config.batch_size
-        full = len(rows) - len(rows) % batch_size
+        full = total - total % batch_size
         for start in range(0, full, batch_size):
-            yield self._train(session, rows[start : start + batch_size], timestamp)
-        remainder = rows[full:]
+            yield self._train(session, _slice(parts, start, start + batch_size), timestamp)
+        remainder = _slice(parts, full, total)
         pending.clear()
-        if len(remainder):
-            pending.add(remainder)
-            if not buffered:
-                # The wait runs from the first row of a partial minibatch, not the last.
-                flush.set(Timestamp.of(self.clock() + self.spec.max_batch_wait_seconds))
+        for waiting in remainder:
+            pending.add(waiting)
+        if remainder and not buffered:
+            # The wait runs from the first row of a partial minibatch, not the last.
+            flush.set(Timestamp.of(self.clock() + self.spec.max_batch_wait_seconds))
         end_of_input.set(GlobalWindow().max_timestamp())
         self._stop_if_done(session)
 
@@ -252,22 +294,26 @@ class TrainerDoFn(beam.DoFn):
         if not buffered:
             return
         session = self._session(key)
-        rows = self._within_limit(session, np.concatenate(buffered))
-        if len(rows):
-            yield self._train(session, rows, Timestamp.of(self.clock()))
+        parts = self._within_limit(session, buffered)
+        if parts:
+            yield self._train(session, parts, Timestamp.of(self.clock()))
         # A partial minibatch can be the one that reaches max_examples.
         self._stop_if_done(session)
 
-    def _train(self, session: TrainingSession, batch: np.ndarray, timestamp) -> TrainingRecord:
-        return session.train(batch, event_time=float(timestamp))
+    def _train(self, session: TrainingSession, parts: list[Rows], timestamp) -> TrainingRecord:
+        batch, read = _joined(parts)
+        return session.train(batch, event_time=float(timestamp), read=read)
 
-    def _within_limit(self, session: TrainingSession, rows: np.ndarray) -> np.ndarray:
+    def _within_limit(self, session: TrainingSession, parts: list[Rows]) -> list[Rows]:
+        parts = [part for part in parts if len(part)]
         if self.spec.max_examples is None:
-            return rows
+            return parts
         room = max(0, self.spec.max_examples - session.examples_seen)
-        if room < len(rows):
-            self.dropped_counter.inc(len(rows) - room)
-        return rows[:room]
+        total = sum(len(part) for part in parts)
+        if room >= total:
+            return parts
+        self.dropped_counter.inc(total - room)
+        return _slice(parts, 0, room)
 
     def _stop_if_done(self, session: TrainingSession) -> None:
         limit = self.spec.max_examples
@@ -283,6 +329,17 @@ class TrainerDoFn(beam.DoFn):
             session = _open_session(self.spec, validate_model_key(key), evaluator, self.clock)
             self._sessions[key] = session
         return session
+
+
+def _unread(session: TrainingSession, part: Rows) -> Rows:
+    """The rows of `part` the session's model has not learned from yet: a restarted job
+    reads its files again, and only the records its checkpoint lacks may train."""
+    if part.origin is None:
+        return part
+    unread = session.unread(part.origin, part.positions)
+    if unread.all():
+        return part
+    return Rows(part.rows[unread], part.origin, part.positions[unread])
 
 
 @functools.cache
