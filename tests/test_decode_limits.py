@@ -45,12 +45,14 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 def _zeros_npz(rows: int) -> bytes:
     """An archive whose one array of rows x D float64 zeros compresses ~1000-fold."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        with archive.open("x.npy", "w", force_zip64=True) as member:
-            member.write(_npy_header((rows, D)))
-            zeros = bytes(2**20)
-            for _ in range(rows * D * 8 // len(zeros)):
-                member.write(zeros)
+    with (
+        zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("x.npy", "w", force_zip64=True) as member,
+    ):
+        member.write(_npy_header((rows, D)))
+        zeros = bytes(2**20)
+        for _ in range(rows * D * 8 // len(zeros)):
+            member.write(zeros)
     return buffer.getvalue()
 
 
