@@ -79,6 +79,23 @@ def test_a_restarted_batch_job_trains_only_what_is_new(tmp_path: pathlib.Path) -
     _run(_aevb(run, inbox))  # two new files: exactly their records
     assert _examples_seen(run) == valid + more
     assert len(_dead_letters(run)) == 6
+    # Content the model learned, under another name: nothing to learn, no letter again.
+    (inbox / "copy.csv").write_bytes((inbox / "part-000.csv").read_bytes())
+    _run(_aevb(run, inbox))
+    assert _examples_seen(run) == valid + more and len(_dead_letters(run)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_content_under_two_names_trains_once(tmp_path: pathlib.Path) -> None:
+    # Rows of one file wait in Beam state for a minibatch while its twin arrives: each
+    # record still trains once (M = 10 does not divide the 49 valid rows of a file).
+    inbox, run = tmp_path / "inbox", tmp_path / "run"
+    valid = _write_files(inbox, count=1, rows=50)
+    for name in ("twin-a.csv", "twin-b.csv"):
+        (inbox / name).write_bytes((inbox / "part-000.csv").read_bytes())
+    _run(_aevb(run, inbox))
+    assert _examples_seen(run) == valid and len(_dead_letters(run)) == 1
 
 
 @pytest.mark.slow

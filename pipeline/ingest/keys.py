@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MODEL_KEY_PATTERN", "MODEL_KEY_RULE", "is_model_key", "validate_model_key"]
+__all__ = ["MODEL_KEY_RULE", "is_model_key", "validate_model_key"]
 
-# Matched whole (`fullmatch`): with `match`, "$" also matches before a trailing newline.
-MODEL_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# Matched whole (`fullmatch`): with `match` and "$", a trailing newline would pass.
+_MODEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_KEY_RULE = (
     "must start with a letter or digit and contain only letters, digits, '_', '.' and '-' "
     "(at most 128 characters)"
@@ -33,7 +33,7 @@ def is_model_key(key: object) -> bool:
     >>> is_model_key("sensor-7"), is_model_key("sensor-7\\n"), is_model_key("a\\x00b")
     (True, False, False)
     """
-    return isinstance(key, str) and MODEL_KEY_PATTERN.fullmatch(key) is not None
+    return isinstance(key, str) and _MODEL_KEY.fullmatch(key) is not None
 
 
 def validate_model_key(key: str) -> str:

@@ -142,8 +142,8 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
             return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
         finally:
             # Models trained in this process (the local runners' workers) get their final
-            # checkpoint and snapshot here; remote workers checkpoint theirs in
-            # DoFn.teardown.
+            # checkpoint and snapshot here; elsewhere the end-of-input timer and the
+            # checkpoint at the end of every bundle keep them.
             closed = close_live_sessions(directory)
             if closed:
                 logger.info("wrote final checkpoints and snapshots of %d models", closed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -28,6 +29,24 @@ DEAD_LETTER_DIR = "dead_letter"
 DEAD_LETTER_PREFIX = "dead_letter"
 
 
+# Per process and dead-letter directory: the letters of files written so far, by (origin,
+# position, reason), read from the directory once -- a restarted job reads its files again,
+# and their letters must be written once only, whichever DoFn instance meets them.
+_written_by_directory: dict[str, set[tuple]] = {}
+_written_lock = threading.Lock()
+
+
+def _written_letters(directory: str) -> set[tuple]:
+    with _written_lock:
+        if directory not in _written_by_directory:
+            _written_by_directory[directory] = {
+                (letter["origin"], letter["position"], letter["reason"])
+                for letter in read_json_lines(directory, DEAD_LETTER_PREFIX)
+                if letter.get("origin") is not None
+            }
+        return _written_by_directory[directory]
+
+
 class _WriteDeadLettersFn(beam.DoFn):
     def __init__(self, run_dir: str, model_key: str, prometheus: bool) -> None:
         self._run_dir = run_dir
@@ -36,12 +55,7 @@ class _WriteDeadLettersFn(beam.DoFn):
 
     def setup(self) -> None:
         directory = os.path.join(self._run_dir, DEAD_LETTER_DIR)
-        # A restarted job reads its files again: their letters are written once only.
-        self._written = {
-            (letter["origin"], letter["position"], letter["reason"])
-            for letter in read_json_lines(directory, DEAD_LETTER_PREFIX)
-            if letter.get("origin") is not None
-        }
+        self._written = _written_letters(directory)
         self._counters = {
             reason: Metrics.counter(
                 NAMESPACE, beam_counter_name("aevb_records_rejected_total", reason)
@@ -56,9 +70,10 @@ class _WriteDeadLettersFn(beam.DoFn):
     def process(self, letter: DeadLetter) -> Iterator[DeadLetter]:
         if letter.origin is not None:
             seen = (letter.origin, letter.position, letter.reason)
-            if seen in self._written:
-                return
-            self._written.add(seen)
+            with _written_lock:
+                if seen in self._written:
+                    return
+                self._written.add(seen)
         self._file.write({**dataclasses.asdict(letter), "seen_unix_seconds": time.time()})
         self._counters[letter.reason].inc()
         if self._prometheus:

@@ -18,6 +18,7 @@ be a local or mounted one on every worker.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -25,6 +26,8 @@ import threading
 from typing import Any
 
 __all__ = ["WorkerJsonLines", "read_json_lines"]
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerJsonLines:
@@ -56,9 +59,12 @@ class WorkerJsonLines:
             if self._file is None:
                 os.makedirs(self.directory, exist_ok=True)
                 name = f"{self.prefix}-{socket.gethostname()}-{os.getpid()}.jsonl"
-                self._file = open(  # noqa: SIM115 -- open for the worker's lifetime
-                    os.path.join(self.directory, name), "a", encoding="utf-8"
-                )
+                path = os.path.join(self.directory, name)
+                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- worker's lifetime
+                # A process of the same host and pid before us (a restarted container) may
+                # have died mid-line: start ours on a line of its own.
+                if self._file.tell() and not _ends_with_newline(path):
+                    self._file.write("\n")
             self._file.write(line)
             if self.flush_every_line:
                 self._file.flush()
@@ -75,10 +81,21 @@ class WorkerJsonLines:
                 self._file = None
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
 def read_json_lines(directory: str | os.PathLike, prefix: str) -> list[dict[str, Any]]:
-    """Every complete line of every worker's ``<prefix>-*.jsonl`` in ``directory``."""
+    """Every whole line of every worker's ``<prefix>-*.jsonl`` in ``directory``; a line a
+    killed writer left torn (a full disk, kill -9) is skipped."""
     records = []
     for path in sorted(pathlib.Path(directory).glob(f"{prefix}-*.jsonl")):
-        with open(path, encoding="utf-8") as handle:
-            records.extend(json.loads(line) for line in handle if line.endswith("\n"))
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    logger.warning("%s: skipping a torn line: %.80s", path, line)
     return records

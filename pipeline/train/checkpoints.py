@@ -78,6 +78,12 @@ class CheckpointStore:
         ledger = self._ledger_path(_checkpoint_number(latest))
         if ledger.exists():
             self.read_ledger = ReadLedger.from_dict(json.loads(ledger.read_text()))
+        else:
+            logger.warning(
+                "%s has no read ledger (written by an older version?): its files' records "
+                "will be trained again if they are read again",
+                latest,
+            )
         logger.info(
             "restored %s: step %d, %d examples seen",
             latest,
@@ -94,10 +100,9 @@ class CheckpointStore:
             config_path.write_text(json.dumps(self.trainer.config.to_dict(), indent=2))
         # The ledger first, under the number the checkpoint will have: a checkpoint on disk
         # always has its ledger, and one killed before it was written is never restored.
-        _write_atomically(
-            self._ledger_path(self.trainer.step), json.dumps(self.read_ledger.to_dict())
-        )
-        prefix = self._manager.save(checkpoint_number=self.trainer.step)
+        number = self.number()
+        _write_atomically(self._ledger_path(number), json.dumps(self.read_ledger.to_dict()))
+        prefix = self._manager.save(checkpoint_number=number)
         kept = {_checkpoint_number(path) for path in self._manager.checkpoints}
         for ledger in self.directory.glob(f"{self.LEDGER_PREFIX}*.json"):
             if int(ledger.stem.removeprefix(self.LEDGER_PREFIX)) not in kept:
@@ -105,6 +110,12 @@ class CheckpointStore:
         state = {"step": self.trainer.step, "examples_seen": self.trainer.examples_seen}
         _write_atomically(self.directory / self.STATE_FILE, json.dumps(state))
         return prefix
+
+    def number(self) -> int:
+        """The number the next checkpoint gets: the minibatches processed, applied or
+        skipped, so that it grows with every change of the state (the update step alone
+        stays put when a non-finite minibatch is skipped)."""
+        return self.trainer.step + self.trainer.skipped_steps
 
     def _ledger_path(self, number: int) -> pathlib.Path:
         return self.directory / f"{self.LEDGER_PREFIX}{number}.json"

@@ -99,6 +99,7 @@ class TrainingSession:
         self.trainer = vae.Trainer(config)
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints" / key, self.trainer)
         self.resumed = self.checkpoints.restore()
+        self._saved_number = self.checkpoints.number() if self.resumed else None
         self.snapshots = SnapshotWriter(self.run_dir, key, keep=cadence.keep_snapshots)
         self.progress = progress or ProgressLog(self.run_dir / "progress.jsonl")
         self.evaluator = evaluator
@@ -272,8 +273,13 @@ class TrainingSession:
         return path
 
     def checkpoint(self) -> None:
+        """Saves the training state, unless nothing happened since the last save: a
+        checkpoint is never rewritten in place (a kill mid-write would spoil the newest)."""
         with self._lock:
+            if self._saved_number == self.checkpoints.number():
+                return
             self.checkpoints.save()
+            self._saved_number = self.checkpoints.number()
         self._last_checkpoint_step = self.trainer.step
 
     def close(self) -> pathlib.Path | None:
@@ -283,8 +289,7 @@ class TrainingSession:
 
     def _close(self) -> pathlib.Path | None:
         self._log()
-        if self.trainer.step != self._last_checkpoint_step or not self.resumed:
-            self.checkpoint()
+        self.checkpoint()
         newest = self.snapshots.latest_version()
         if newest is None or self.trainer.examples_seen != self._last_snapshot_examples:
             return self._snapshot("end of run")

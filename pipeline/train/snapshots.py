@@ -98,12 +98,18 @@ class SnapshotWriter:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._high_water_mark.write_text(str(version))
+        # Replaced whole, never half-written: an empty record would stop every snapshot.
+        staged = self._high_water_mark.with_name(self._high_water_mark.name + ".tmp")
+        staged.write_text(str(version))
+        os.replace(staged, self._high_water_mark)
         self._prune()
         return target
 
     def _next_version(self) -> int:
-        recorded = int(self._high_water_mark.read_text()) if self._high_water_mark.exists() else 0
+        try:
+            recorded = int(self._high_water_mark.read_text())
+        except (FileNotFoundError, ValueError):  # none yet, or one left by an older writer
+            recorded = 0
         return max(recorded, self.latest_version() or 0) + 1
 
     def _prune(self) -> None:

@@ -7,8 +7,12 @@ do not fill a minibatch wait in Beam state; a processing-time timer trains them 
 minibatch after `max_batch_wait_seconds` (streaming), and the end-of-input timer trains the
 last ones and writes the final checkpoint and snapshot (bounded input, or a drained stream).
 
-Delivery is at-least-once: after a crash, the examples since the last checkpoint are
-trained again when the source replays them.
+After a crash the model is the one of its last checkpoint. Rows from files carry their
+file's content digest and positions: the key's read ledger, saved with each checkpoint,
+says which of them the restored model learned, and those are dropped (counted in the Beam
+counter ``aevb/examples_already_trained``), so a job that reads its files again trains
+each record once. Other sources replay from where their own position says (see the
+README, "Delivery and restarts").
 
     records = (
         pipeline
@@ -213,6 +217,9 @@ class TrainerDoFn(beam.DoFn):
         # examples_total, train_steps_total, skipped_steps_total_<reason>, snapshots_total
         # and drift_detections_total are counted by the sessions' `BeamCounters` observer.
         self.dropped_counter = Metrics.counter("aevb", "examples_beyond_max_examples")
+        # File records a restored model had learned already (read again after a restart, or
+        # the same content under another name): dropped, never trained twice.
+        self.known_counter = Metrics.counter("aevb", "examples_already_trained")
 
     def setup(self) -> None:
         self._sessions: dict[str, TrainingSession] = {}
@@ -230,14 +237,16 @@ class TrainerDoFn(beam.DoFn):
     ) -> Iterator[TrainingRecord]:
         key, part = element
         session = self._session(key)
-        part = _unread(session, part)
+        unread = _unread(session, part)
+        self.known_counter.inc(len(part) - len(unread))
+        part = unread
         buffered = list(pending.read())
         parts = self._within_limit(session, [*buffered, part])
         total = sum(len(p) for p in parts)
         batch_size = self.spec.config.batch_size
         full = total - total % batch_size
         for start in range(0, full, batch_size):
-            yield self._train(session, _slice(parts, start, start + batch_size), timestamp)
+            yield from self._train(session, _slice(parts, start, start + batch_size), timestamp)
         remainder = _slice(parts, full, total)
         pending.clear()
         for waiting in remainder:
@@ -295,14 +304,21 @@ class TrainerDoFn(beam.DoFn):
             return
         session = self._session(key)
         parts = self._within_limit(session, buffered)
-        if parts:
-            yield self._train(session, parts, Timestamp.of(self.clock()))
+        yield from self._train(session, parts, Timestamp.of(self.clock()))
         # A partial minibatch can be the one that reaches max_examples.
         self._stop_if_done(session)
 
-    def _train(self, session: TrainingSession, parts: list[Rows], timestamp) -> TrainingRecord:
-        batch, read = _joined(parts)
-        return session.train(batch, event_time=float(timestamp), read=read)
+    def _train(
+        self, session: TrainingSession, parts: list[Rows], timestamp
+    ) -> Iterator[TrainingRecord]:
+        # Checked again here, not only on arrival: rows that waited in Beam state may have
+        # been learned meanwhile (the same content under another name, a retried bundle).
+        fresh = _unread_once(session, parts)
+        self.known_counter.inc(sum(map(len, parts)) - sum(map(len, fresh)))
+        parts = fresh
+        if parts:
+            batch, read = _joined(parts)
+            yield session.train(batch, event_time=float(timestamp), read=read)
 
     def _within_limit(self, session: TrainingSession, parts: list[Rows]) -> list[Rows]:
         parts = [part for part in parts if len(part)]
@@ -340,6 +356,23 @@ def _unread(session: TrainingSession, part: Rows) -> Rows:
     if unread.all():
         return part
     return Rows(part.rows[unread], part.origin, part.positions[unread])
+
+
+def _unread_once(session: TrainingSession, parts: list[Rows]) -> list[Rows]:
+    """The rows of a minibatch's parts the model has not learned from, each record once."""
+    fresh, taken = [], {}
+    for part in parts:
+        part = _unread(session, part)
+        if part.origin is not None and len(part):
+            seen = taken.setdefault(part.origin, set())
+            positions = part.positions.tolist()
+            first = np.fromiter((p not in seen for p in positions), bool, len(positions))
+            seen.update(positions)
+            if not first.all():
+                part = Rows(part.rows[first], part.origin, part.positions[first])
+        if len(part):
+            fresh.append(part)
+    return fresh
 
 
 @functools.cache
