@@ -143,3 +143,48 @@ def test_a_job_removes_what_interrupted_writes_left_and_keeps_the_rest(
     assert int((staging / "default.last_version").read_text()) == newest
     assert json.loads((keys / "state.json").read_text())["examples_seen"] == 300
     assert read_metadata(run / "snapshots" / "default" / str(newest))["examples_seen"] == 300
+
+
+@pytest.fixture
+def small_disk(tmp_path: pathlib.Path):
+    """A 1.2 MB file system of its own (tmpfs; needs root, as CI runs)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_full_disk_is_one_line_and_the_job_resumes_once_there_is_room(small_disk) -> None:
+    run = small_disk / "run"
+    argv = [
+        str(pathlib.Path(sys.executable).parent / "aevb"),
+        "train",
+        *SMALL,
+        "--hidden=50",
+        "--max-examples=20000",
+        "--snapshot-every-examples=2000",
+        f"--output={run}",
+    ]
+    full = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    errors = [line for line in full.stderr.splitlines() if line.startswith("aevb train: error:")]
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert len(errors) == 1 and "no space left on device" in errors[0], errors
+    # Neither Beam's reports of the failed bundles nor a traceback: that one line.
+    assert "Traceback" not in full.stderr and " ERROR apache_beam" not in full.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (
+        json.loads((run / "checkpoints" / "default" / "state.json").read_text())["examples_seen"]
+        == 20000
+    )
+    assert not list(run.glob("checkpoints/*/*_temp")) and not [
+        p for p in (run / "snapshots" / ".staging").iterdir() if p.suffix != ".last_version"
+    ]

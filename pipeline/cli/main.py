@@ -12,6 +12,7 @@ flags are known to be good, so `aevb --help` and a mistyped flag answer at once.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -168,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_disk_full_reports)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow's Python loggers narrate every SavedModel export at INFO.
     for noisy in ("absl", "tensorflow"):
@@ -187,6 +190,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"aevb {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except Exception as error:
+        if not _disk_full(error):
+            raise
+        print(
+            f"aevb {args.command}: error: no space left on device ({_disk_full(error)}); "
+            "free some and run the same command again: it resumes from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 1
+
+
+# How the operating system says a write found the disk full, in whatever exception carries it
+# (an OSError, TensorFlow's ResourceExhaustedError, Beam's RuntimeError around either).
+_DISK_FULL = "No space left on device"
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The message of the disk-full error in `error`'s chain, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return f"{error.filename or error.strerror}"
+        text = str(error)
+        if _DISK_FULL in text:
+            return text[: text.index(_DISK_FULL)].strip(" ;:").rsplit(" ", 1)[-1] or _DISK_FULL
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _drop_disk_full_reports(record: logging.LogRecord) -> bool:
+    """Beam logs each failed bundle with its traceback; on a full disk the job ends with one
+    line instead (`main`), so those reports are dropped."""
+    exception = record.exc_info[1] if record.exc_info else None
+    return _DISK_FULL not in record.getMessage() and not (exception and _disk_full(exception))
 
 
 def check_paths(args: argparse.Namespace) -> None:
