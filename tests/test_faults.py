@@ -16,7 +16,7 @@ import pytest
 
 import vae
 from pipeline.cli.main import main
-from pipeline.outputs.run_lock import RunDirectoryBusy, RunDirectoryLock
+from pipeline.jobs.run_lock import RunDirectoryBusy, RunDirectoryLock
 from pipeline.train.snapshots import SnapshotWriter
 from vae.snapshot_format import read_metadata
 
@@ -37,7 +37,7 @@ def held_run_dir(tmp_path: pathlib.Path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pipeline.outputs.run_lock import RunDirectoryLock; "
+            "import sys, time; from pipeline.jobs.run_lock import RunDirectoryLock; "
             "RunDirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
             str(run),
         ],

@@ -24,10 +24,10 @@ from pipeline.jobs.options import (
     scenario_spec,
     writable_directory,
 )
+from pipeline.jobs.run_lock import RunDirectoryBusy
 from pipeline.jobs.train import run_training
 from pipeline.outputs.metrics_export import MetricsExportError
 from pipeline.outputs.results import print_result
-from pipeline.outputs.run_lock import RunDirectoryBusy
 from pipeline.train.checkpoints import checkpointed_examples
 from pipeline.train.progress import read_progress
 from vae.snapshot_format import read_metadata, resolve_version

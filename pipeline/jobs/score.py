@@ -52,8 +52,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline.ingest import lifecycle
 from pipeline.jobs.options import AEVBOptions, positive_float, positive_int, read_examples
+from pipeline.jobs.run_lock import RunDirectoryLock
 from pipeline.outputs.dead_letters import WriteDeadLetters
-from pipeline.outputs.run_lock import RunDirectoryLock
 from pipeline.outputs.scores import WriteScores
 from pipeline.score.anomalies import FlagAnomalies, Threshold
 from pipeline.score.model_handler import SnapshotModelHandler, WatchSnapshots
@@ -220,7 +220,7 @@ def run_scoring(options: PipelineOptions) -> beam.runners.runner.PipelineResult 
     """Runs the scoring job until its input ends or Ctrl-C (the first one drains).
 
     Raises:
-        RunDirectoryBusy: another job writes to the same --output (`pipeline.outputs.run_lock`).
+        RunDirectoryBusy: another job writes to the same --output (`pipeline.jobs.run_lock`).
     """
     with RunDirectoryLock(os.path.abspath(options.view_as(AEVBOptions).output)):
         pipeline = beam.Pipeline(options=options)

@@ -37,10 +37,10 @@ from pipeline.jobs.options import (
     run_dir,
     scenario_spec,
 )
+from pipeline.jobs.run_lock import RunDirectoryLock
 from pipeline.outputs.dead_letters import WriteDeadLetters
 from pipeline.outputs.metrics import PrometheusObserver
 from pipeline.outputs.metrics_export import MetricsExport
-from pipeline.outputs.run_lock import RunDirectoryLock
 from pipeline.train.checkpoints import checkpointed_examples, remove_partial_checkpoints
 from pipeline.train.progress import ProgressLog
 from pipeline.train.snapshots import remove_staging
@@ -116,7 +116,7 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     `pipeline.outputs.metrics_export.MetricsExport`), set up before any worker process starts.
 
     Raises:
-        RunDirectoryBusy: another job holds the run directory (`pipeline.outputs.run_lock`).
+        RunDirectoryBusy: another job holds the run directory (`pipeline.jobs.run_lock`).
         MetricsExportError: --metrics-port cannot be served.
     """
     aevb_options = options.view_as(AEVBOptions)
