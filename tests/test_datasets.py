@@ -1,6 +1,5 @@
 """Tests for pipeline.ingest.datasets against the facts published in the shared data README."""
 
-import doctest
 import gzip
 import hashlib
 import io
@@ -396,13 +395,6 @@ def test_dataset_rejects_malformed_arrays() -> None:
         Dataset("bad", rows.astype(np.float64), rows, None, None, (28, 28), "bernoulli", "test")
     with pytest.raises(ValueError, match="likelihood"):
         Dataset("bad", rows, rows, None, None, (28, 28), "poisson", "test")
-
-
-@needs_data
-def test_module_docstring_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AEVB_DATA_DIR", str(SHARED))
-    result = doctest.testmod(datasets, raise_on_error=False, verbose=False)
-    assert result.attempted >= 3 and result.failed == 0
 
 
 def test_import_is_light() -> None:

@@ -473,12 +473,3 @@ def test_trainer_counts_in_prometheus_and_beam_alike(tmp_path: pathlib.Path) -> 
     assert _value(text, "aevb_last_snapshot_timestamp_seconds", model="trainer-m") == (
         pytest.approx(snapshot["created_unix_seconds"])
     )
-
-
-@pytest.mark.parametrize("name", ["pipeline.outputs.metrics", "pipeline.train.counters"])
-def test_docstring_examples(name: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), verbose=False, report=True)
-    assert result.failed == 0 and result.attempted > 0, result

@@ -90,12 +90,3 @@ def test_model_figures_refuse_what_they_cannot_draw(tmp_path: pathlib.Path) -> N
     tabular = vae.VAE(vae.VAEConfig(input_dim=17, latent_dim=2, hidden_dim=8))
     with pytest.raises(ValueError, match="image"):
         report.samples_figure(tabular, tmp_path / "t.png")
-
-
-@pytest.mark.parametrize("name", ["pipeline.outputs.figures"])
-def test_docstring_examples(name: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), verbose=False, report=True)
-    assert result.failed == 0 and result.attempted > 0, result
