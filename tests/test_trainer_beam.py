@@ -11,6 +11,7 @@ numbers come from a plain ``vae.Trainer`` fed the minibatches the test expects: 
 config, same seed, same minibatches in the same order give bit-identical results.
 """
 
+import logging
 import pathlib
 import threading
 import uuid
@@ -77,7 +78,10 @@ def _rows(n: int, seed: int) -> np.ndarray:
 
 
 def _run(
-    events: BeamTestStream, run_dir: pathlib.Path, cadence: Cadence = Cadence(log_every_steps=1)
+    events: BeamTestStream,
+    run_dir: pathlib.Path,
+    cadence: Cadence = Cadence(log_every_steps=1),
+    max_models_in_memory: int | None = None,
 ) -> list[TrainingRecord]:
     """Runs events -> TrainVAE on the TestStream runner; the records by (key, step)."""
     tag = uuid.uuid4().hex
@@ -93,6 +97,7 @@ def _run(
                     cadence=cadence,
                     max_batch_wait_seconds=WAIT,
                     clock=FixedClock(),
+                    max_models_in_memory=max_models_in_memory,
                 )
                 | beam.ParDo(_Collect(tag))
             )
@@ -229,6 +234,39 @@ def test_two_keys_train_independently(tmp_path) -> None:
     # ... and A's model is a different one.
     a_params = _checkpointed_state(both, "A")[0]
     assert not np.array_equal(a_params, _checkpointed_state(both, "B")[0])
+
+
+@pytest.mark.timeout(240)
+def test_at_most_n_models_in_memory_evicts_and_restores_exactly(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, c = _rows(12, seed=2), _rows(10, seed=3), _rows(9, seed=5)
+
+    def events() -> BeamTestStream:
+        return _stream(
+            ("A", a[0:5]), ("B", b[0:4]), ("C", c[0:6]), ("A", a[5:12]), ("B", b[4:10]),
+            ("C", c[6:9]),
+        )  # fmt: skip
+
+    with caplog.at_level(logging.INFO, logger="pipeline.train.checkpoints"):
+        bounded = _run(events(), tmp_path / "bounded", max_models_in_memory=1)
+    # One model at a time: each key came back from its checkpoint when its next chunk came.
+    restored = [r.message for r in caplog.records if r.message.startswith("restored")]
+    assert {message.split("/checkpoints/")[1].split("/")[0] for message in restored} == {
+        "A",
+        "B",
+        "C",
+    }
+    free = _run(events(), tmp_path / "free")
+    for key in ("A", "B", "C"):
+        _assert_same_state(
+            _checkpointed_state(tmp_path / "bounded", key),
+            _checkpointed_state(tmp_path / "free", key),
+        )
+        _assert_bounds(
+            [r for r in bounded if r.key == key],
+            [np.asarray(r.elbo_per_example) for r in free if r.key == key],
+        )
 
 
 # --- snapshots and resume -------------------------------------------------------------------

@@ -251,6 +251,12 @@ class AEVBOptions(PipelineOptions):
         run.add_argument("--snapshot-every-seconds", type=positive_float)
         run.add_argument("--keep-snapshots", type=positive_int, default=5)
         run.add_argument(
+            "--max-models-in-memory",
+            type=positive_int,
+            help="keep at most this many keys' models in a worker process: the least "
+            "recently used is checkpointed and dropped, and restored on its next example",
+        )
+        run.add_argument(
             "--max-batch-wait-seconds",
             type=positive_float,
             default=5.0,

@@ -23,6 +23,7 @@ README, "Delivery and restarts").
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -82,6 +83,7 @@ class TrainerSpec:
     observer_factories: tuple[Callable[[], SessionObserver], ...] = ()
     drift: DriftSettings | None = None
     reset_optimizer_on_drift: bool = False
+    max_models_in_memory: int | None = None
 
 
 class TrainVAE(beam.PTransform):
@@ -95,6 +97,11 @@ class TrainVAE(beam.PTransform):
     Every session counts in Beam counters (`pipeline.train.counters`); each of
     `observer_factories` is called once per session in the worker process to add an
     observer of its own (the jobs pass `pipeline.outputs.metrics.PrometheusObserver`).
+
+    With `max_models_in_memory`, a worker process keeps at most that many keys' models:
+    opening one more checkpoints the least recently used and drops it (Beam counter
+    ``aevb/models_evicted``); its next example restores it from that checkpoint, exactly.
+    An evicted key writes its final snapshot when it trains again or its input ends.
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class TrainVAE(beam.PTransform):
         observer_factories: Sequence[Callable[[], SessionObserver]] = (),
         drift: DriftSettings | None = None,
         reset_optimizer_on_drift: bool = False,
+        max_models_in_memory: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = TrainerSpec(
@@ -126,7 +134,10 @@ class TrainVAE(beam.PTransform):
             observer_factories=tuple(observer_factories),
             drift=drift,
             reset_optimizer_on_drift=reset_optimizer_on_drift,
+            max_models_in_memory=max_models_in_memory,
         )
+        if max_models_in_memory is not None and max_models_in_memory < 1:
+            raise ValueError(f"max_models_in_memory must be at least 1, got {max_models_in_memory}")
         self.default_key = validate_model_key(default_key)
         self.clock = clock
 
@@ -220,6 +231,7 @@ class TrainerDoFn(beam.DoFn):
         # File records a restored model had learned already (read again after a restart, or
         # the same content under another name): dropped, never trained twice.
         self.known_counter = Metrics.counter("aevb", "examples_already_trained")
+        self.evicted_counter = Metrics.counter("aevb", "models_evicted")
 
     def setup(self) -> None:
         self._sessions: dict[str, TrainingSession] = {}
@@ -342,7 +354,14 @@ class TrainerDoFn(beam.DoFn):
             evaluator = None
             if self._test_data is not None:
                 evaluator = _test_bound_evaluator(self._test_data, self.spec.evaluation.seed)
-            session = _open_session(self.spec, validate_model_key(key), evaluator, self.clock)
+            session, evicted = _open_session(
+                self.spec, validate_model_key(key), evaluator, self.clock
+            )
+            for old in evicted:
+                # Its checkpoint is where the key's next example restores it from, exactly.
+                old.checkpoint()
+                self._sessions.pop(old.key, None)
+                self.evicted_counter.inc()
             self._sessions[key] = session
         return session
 
@@ -393,14 +412,20 @@ def _test_bound_evaluator(test_data: np.ndarray, seed: int):
 
 
 # One session per (run directory, key) in a process: two DoFn instances that meet the same
-# key in one worker (threaded harnesses) share its model instead of forking it.
-_live_sessions: dict[tuple[str, str], TrainingSession] = {}
+# key in one worker (threaded harnesses) share its model instead of forking it. Least
+# recently opened first: with `max_models_in_memory`, the first ones are evicted.
+_live_sessions: collections.OrderedDict[tuple[str, str], TrainingSession] = (
+    collections.OrderedDict()
+)
 _live_lock = threading.Lock()
 
 
 def _open_session(
     spec: TrainerSpec, key: str, evaluator, clock: Callable[[], float]
-) -> TrainingSession:
+) -> tuple[TrainingSession, list[TrainingSession]]:
+    """The live session of `key` (restored when it is not live or is stale), and the least
+    recently used sessions of the run evicted to stay within `spec.max_models_in_memory`:
+    the caller checkpoints them (`_evict`)."""
     with _live_lock:
         session = _live_sessions.get((spec.run_dir, key))
         if session is None or session.examples_seen < checkpointed_examples(spec.run_dir, key):
@@ -417,7 +442,13 @@ def _open_session(
                 reset_optimizer_on_drift=spec.reset_optimizer_on_drift,
             )
             _live_sessions[(spec.run_dir, key)] = session
-        return session
+        _live_sessions.move_to_end((spec.run_dir, key))
+        evicted = []
+        if spec.max_models_in_memory is not None:
+            run = [name for name in _live_sessions if name[0] == spec.run_dir]
+            for name in run[: max(0, len(run) - spec.max_models_in_memory)]:
+                evicted.append(_live_sessions.pop(name))
+        return session, evicted
 
 
 def _close(session: TrainingSession) -> None:
