@@ -2,6 +2,7 @@
 and a streaming job that switches to new snapshot versions while a trainer writes them."""
 
 import collections
+import dataclasses
 import json
 import logging
 import pathlib
@@ -425,3 +426,51 @@ def test_streaming_score_job_switches_to_new_versions_while_a_trainer_writes_the
     # Each record exactly once.
     keys = [(r["source"], r["position"]) for r in records]
     assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("max_models", [None, 1])
+def test_a_model_per_key_scores_each_key_with_its_own(tmp_path, max_models) -> None:
+    run = tmp_path / "run"
+    models = {}
+    for key, seed in (("tenant-a", 11), ("tenant-b", 12)):
+        writer = SnapshotWriter(run, key)
+        writer.write(vae.VAE(dataclasses.replace(CONFIG, seed=seed)), {})
+        models[key] = vae.load(writer.model_dir)
+    rows = _rows(9, 80)
+    keys = ["tenant-a", "tenant-b", "tenant-c"] * 3  # tenant-c has no model
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    lines = [json.dumps({"key": k, "x": r.tolist()}) for k, r in zip(keys, rows, strict=True)]
+    (inbox / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    argv = ["score", "--models", str(run / "snapshots"), "--source", f"files:{inbox}/*"]
+    if max_models is not None:
+        argv += ["--max-models-per-worker", str(max_models)]
+    assert main([*argv, "--output", str(out)]) == 0
+
+    records = sorted(read_scores(out), key=lambda r: r["position"])
+    assert [r["key"] for r in records] == [k for k in keys if k != "tenant-c"]
+    for key, model in models.items():
+        # A key's records come as one chunk, and the bound's noise is drawn per batch:
+        # the expected scores are the same rows scored together by that key's model.
+        mine = [r for r in records if r["key"] == key]
+        expected = model.score(rows[[r["position"] - 1 for r in mine]])  # lines count from 1
+        np.testing.assert_allclose([r["score"] for r in mine], expected, atol=1e-5)
+        assert {r["model_version"] for r in mine} == {1}
+    # The two models differ, so each record was scored by its own key's.
+    a_row = rows[0][None, :]
+    assert models["tenant-a"].score(a_row)[0] != pytest.approx(models["tenant-b"].score(a_row)[0])
+    letters = [json.loads(line) for path in (out / "dead_letter").glob("*.jsonl")
+               for line in path.read_text().splitlines()]  # fmt: skip
+    assert sorted((x["reason"], x["position"]) for x in letters) == [
+        ("no_model", 3), ("no_model", 6), ("no_model", 9)
+    ]  # fmt: skip
+
+
+def test_models_of_different_inputs_are_refused_in_one_line(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    SnapshotWriter(run, "a").write(vae.VAE(CONFIG), {})
+    SnapshotWriter(run, "b").write(vae.VAE(dataclasses.replace(CONFIG, input_dim=9)), {})
+    argv = ["score", "--models", str(run / "snapshots"), "--dataset", "mnist-5k"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert "read different inputs" in capsys.readouterr().err

@@ -97,7 +97,13 @@ def train(args: argparse.Namespace) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
-    from pipeline.jobs.score import ScoreOptions, run_scoring, snapshot_config, threshold_of
+    from pipeline.jobs.score import (
+        ScoreOptions,
+        models_config,
+        run_scoring,
+        snapshot_config,
+        threshold_of,
+    )
     from pipeline.outputs.scores import read_scores
 
     flags = list(args.argv)
@@ -110,11 +116,16 @@ def score(args: argparse.Namespace) -> int:
     try:
         kind, _ = parse_source(aevb.source)
         threshold_of(scoring)
-        config = snapshot_config(scoring.model)
-        # Loaded once here, so that a damaged snapshot is one line, not a worker's traceback.
-        load_snapshot(vae.load, resolve_version(scoring.model))
+        if scoring.models:
+            config = models_config(scoring.models)
+        else:
+            config = snapshot_config(scoring.model)
+            # Loaded once here: a damaged snapshot is one line, not a worker's traceback.
+            load_snapshot(vae.load, resolve_version(scoring.model))
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
+    if scoring.models and scoring.model_updates == "side-input":
+        raise UsageError("--models follows each key's versions by polling: --model-updates poll")
     runner = args.runner.rsplit(".", 1)[-1]
     if args.streaming and scoring.model_updates == "side-input" and runner == "FnApiRunner":
         raise UsageError(
@@ -126,13 +137,15 @@ def score(args: argparse.Namespace) -> int:
         dataset = load_data(args)
         if dataset.input_dim != config.input_dim:
             raise UsageError(
-                f"{scoring.model} expects {config.input_dim} inputs, "
+                f"{scoring.model or scoring.models} expects {config.input_dim} inputs, "
                 f"{dataset.name} has {dataset.input_dim}"
             )
     logger.info(
         "scoring %s with %s (%s) on %s%s into %s",
         aevb.source,
-        resolve_version(scoring.model),
+        f"a model per key in {scoring.models}"
+        if scoring.models
+        else resolve_version(scoring.model),
         "following new versions" if args.streaming else "fixed version",
         args.runner,
         " (streaming)" if args.streaming else "",

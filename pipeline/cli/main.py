@@ -240,6 +240,10 @@ def check_paths(args: argparse.Namespace) -> None:
         if args.command == "score":
             writable_directory(pathlib.Path(args.output), "--output")
 
+        if getattr(args, "models", None) is not None:
+            if not pathlib.Path(args.models).is_dir():
+                raise UsageError(f"--models {args.models} is not a directory")
+            return
         try:
             resolve_version(args.model)
         except FileNotFoundError as error:

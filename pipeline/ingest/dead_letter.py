@@ -47,6 +47,7 @@ REASONS: tuple[str, ...] = (
     "unsupported_format",
     "invalid_key",
     "too_large",
+    "no_model",
 )
 DEAD_LETTER_TAG = "dead_letter"
 EXCERPT_CHARS = 200

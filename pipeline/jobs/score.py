@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
 import uuid
 
 import apache_beam as beam
@@ -56,15 +57,22 @@ from pipeline.jobs.run_lock import RunDirectoryLock
 from pipeline.outputs.dead_letters import WriteDeadLetters
 from pipeline.outputs.scores import WriteScores
 from pipeline.score.anomalies import FlagAnomalies, Threshold
-from pipeline.score.model_handler import SnapshotModelHandler, WatchSnapshots
+from pipeline.score.model_handler import (
+    DEFAULT_MAX_MODELS,
+    KeyedSnapshotModelHandler,
+    RouteToModels,
+    SnapshotModelHandler,
+    WatchSnapshots,
+)
 from vae.config import VAEConfig
-from vae.snapshot_format import read_metadata, resolve_version
+from vae.snapshot_format import read_metadata, resolve_version, version_directories
 
 __all__ = [
     "MODEL_UPDATES",
     "ScoreOptions",
     "ScoringJob",
     "build_scoring_pipeline",
+    "models_config",
     "run_scoring",
     "snapshot_config",
     "threshold_of",
@@ -89,12 +97,27 @@ def quantile(text: str) -> float:
 
 
 def add_score_flags(parser: argparse.ArgumentParser, require_model: bool = False) -> None:
-    """The flags of `ScoreOptions`; `aevb score` requires --model at parse time."""
-    parser.add_argument(
+    """The flags of `ScoreOptions`; `aevb score` requires --model or --models at parse time."""
+    models = parser.add_mutually_exclusive_group(required=require_model)
+    models.add_argument(
         "--model",
-        required=require_model,
         help="a snapshot version directory, or a model directory (RUN_DIR/snapshots/<key>): "
         "its newest version, followed as new ones appear in streaming jobs",
+    )
+    models.add_argument(
+        "--models",
+        help="a model per key: RUN_DIR/snapshots, whose <key>/ scores that key's records "
+        "(newest version, followed in streaming jobs); records of keys without one are "
+        "dead letters (no_model)",
+    )
+    parser.add_argument(
+        # Not --max-models-in-memory: Beam merges the flags of every PipelineOptions class,
+        # and the training job's means something else.
+        "--max-models-per-worker",
+        type=positive_int,
+        default=DEFAULT_MAX_MODELS,
+        help="with --models: models a worker holds at once, the least recently used "
+        "dropped (default %(default)s)",
     )
     parser.add_argument(
         "--split",
@@ -152,6 +175,29 @@ def snapshot_config(model: str | os.PathLike) -> VAEConfig:
     return VAEConfig.from_dict(config)
 
 
+def models_config(models_dir: str | os.PathLike) -> VAEConfig:
+    """The config every key's newest snapshot in `models_dir` shares (the read path needs
+    one input width and likelihood).
+
+    Raises:
+        FileNotFoundError: `models_dir` holds no model directory with a version.
+        ValueError: the keys' models read different inputs.
+    """
+    configs = {}
+    for model_dir in sorted(pathlib.Path(models_dir).glob("[!.]*")):
+        if version_directories(model_dir):
+            configs[model_dir.name] = snapshot_config(model_dir)
+    if not configs:
+        raise FileNotFoundError(f"{models_dir} holds no model directory with a snapshot")
+    inputs = {(c.input_dim, c.likelihood) for c in configs.values()}
+    if len(inputs) > 1:
+        raise ValueError(
+            f"the models in {models_dir} read different inputs (input_dim, likelihood): "
+            f"{sorted(inputs)}; score them with --model one at a time"
+        )
+    return next(iter(configs.values()))
+
+
 def threshold_of(options: ScoreOptions) -> Threshold:
     return Threshold(
         value=options.threshold,
@@ -173,10 +219,10 @@ def build_scoring_pipeline(
     aevb = options.view_as(AEVBOptions)
     score = options.view_as(ScoreOptions)
     streaming = options.view_as(StandardOptions).streaming
-    if not score.model:
-        raise ValueError("--model is required: a snapshot or RUN_DIR/snapshots/<key>")
-    model = os.path.abspath(score.model)
-    config = snapshot_config(model)
+    if not score.model and not score.models:
+        raise ValueError("--model or --models is required: RUN_DIR/snapshots/<key> or its parent")
+    model = os.path.abspath(score.model or score.models)
+    config = models_config(model) if score.models else snapshot_config(model)
     threshold = threshold_of(score)
     out_dir = os.path.abspath(aevb.output)
 
@@ -193,12 +239,22 @@ def build_scoring_pipeline(
         epochs=epochs,
     )
     follow = streaming and score.model_updates == "poll"
-    # A batch job scores everything with the version that is newest now, on every worker.
-    handler = SnapshotModelHandler(
-        model if streaming else os.fspath(resolve_version(model)),
-        follow=follow,
-        poll_interval_seconds=score.model_poll_seconds,
-    )
+    if score.models:
+        chunks, unmodelled = chunks | "RouteToModels" >> RouteToModels(model)
+        letters = (letters, unmodelled) | "AllDeadLetters" >> beam.Flatten()
+        handler = KeyedSnapshotModelHandler(
+            model,
+            follow=follow,
+            poll_interval_seconds=score.model_poll_seconds,
+            max_models=score.max_models_per_worker,
+        )
+    else:
+        # A batch job scores everything with the version that is newest now, on every worker.
+        handler = SnapshotModelHandler(
+            model if streaming else os.fspath(resolve_version(model)),
+            follow=follow,
+            poll_interval_seconds=score.model_poll_seconds,
+        )
     metadata = None
     if streaming and score.model_updates == "side-input":
         metadata = pipeline | "WatchSnapshots" >> WatchSnapshots(

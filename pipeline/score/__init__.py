@@ -1,1 +1,2 @@
-"""Score: RunInference over snapshots (`model_handler`) and the anomaly flags (`anomalies`)."""
+"""Score: RunInference over snapshots, one model or a model per key (`model_handler`), and the
+anomaly flags (`anomalies`)."""

@@ -16,10 +16,15 @@ directory in a streaming job it follows the newest version:
 Either way a record is only ever scored by a complete version: versions appear by atomic
 rename (`pipeline.train.snapshots`), and the model in use is swapped between chunks, never
 inside one.
+
+`KeyedSnapshotModelHandler` scores each key's chunks with that key's own model
+(`RUN_DIR/snapshots/<key>/`, followed by polling), holding a bounded number per worker;
+`RouteToModels` turns the records of keys without a model into ``no_model`` dead letters.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pathlib
@@ -33,11 +38,20 @@ from apache_beam.coders import VarIntCoder
 from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, PredictionResult
 from apache_beam.transforms import trigger, userstate, window
 
+from pipeline.ingest.dead_letter import (
+    DEAD_LETTER_TAG,
+    DeadLetter,
+    record_locator,
+    row_excerpt,
+)
 from pipeline.ingest.decode import KeyedChunk
 from pipeline.ingest.sources import WatchFiles
 from vae.snapshot_format import SAVED_MODEL_FILE, version_directories, version_number
 
-__all__ = ["SnapshotModelHandler", "WatchSnapshots"]
+__all__ = ["KeyedSnapshotModelHandler", "RouteToModels", "SnapshotModelHandler", "WatchSnapshots"]
+
+# Models a worker holds at once when scoring with a model per key.
+DEFAULT_MAX_MODELS = 64
 
 logger = logging.getLogger(__name__)
 
@@ -132,19 +146,7 @@ class SnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _FollowedM
         model: _FollowedModel,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        loaded = model.current()  # one version for the whole chunk
-        outputs = loaded.predict(batch.rows)
-        scores = -outputs["elbo"]
-        model_id = os.fspath(loaded.path)
-        positions = batch.positions
-        return [
-            PredictionResult(
-                (batch.key, batch.source, None if positions is None else int(positions[i])),
-                {"score": scores[i], "latent_mean": outputs["latent_mean"][i]},
-                model_id,
-            )
-            for i in range(len(batch.rows))
-        ]
+        return _predictions(batch, model.current())  # one version for the whole chunk
 
     def should_skip_batching(self) -> bool:
         return True
@@ -154,6 +156,131 @@ class SnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _FollowedM
 
     def get_metrics_namespace(self) -> str:
         return "aevb_score"
+
+
+def _predictions(batch: KeyedChunk, loaded) -> list[PredictionResult]:
+    """One `PredictionResult` per row of `batch`, scored by the `vae.LoadedModel` `loaded`."""
+    outputs = loaded.predict(batch.rows)
+    scores = -outputs["elbo"]
+    model_id = os.fspath(loaded.path)
+    positions = batch.positions
+    return [
+        PredictionResult(
+            (batch.key, batch.source, None if positions is None else int(positions[i])),
+            {"score": scores[i], "latent_mean": outputs["latent_mean"][i]},
+            model_id,
+        )
+        for i in range(len(batch.rows))
+    ]
+
+
+class _ModelsByKey:
+    """Each key's `_FollowedModel`, loaded on its key's first chunk; at most `max_models` of
+    them, the least recently used dropped (and loaded again when its key comes back)."""
+
+    def __init__(
+        self, models_dir: str, follow: bool, poll_interval_seconds: float, max_models: int
+    ) -> None:
+        self._models_dir = pathlib.Path(models_dir)
+        self._follow = follow
+        self._interval = poll_interval_seconds
+        self._max_models = max_models
+        self._models: collections.OrderedDict[str, _FollowedModel] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def current(self, key: str):
+        with self._lock:
+            followed = self._models.get(key)
+            if followed is None:
+                followed = _FollowedModel(
+                    os.fspath(self._models_dir / key), self._follow, self._interval
+                )
+                self._models[key] = followed
+            self._models.move_to_end(key)
+            while len(self._models) > self._max_models:
+                self._models.popitem(last=False)
+        return followed.current()
+
+
+class KeyedSnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _ModelsByKey]):
+    """RunInference with a model per key, as Beam's `KeyedModelHandler` would: a chunk of key
+    K is scored by the newest snapshot in ``models_dir/K`` (`RUN_DIR/snapshots` of a
+    training job), followed as new versions appear with ``follow``. A worker holds at most
+    ``max_models`` models. Records of keys without a model are routed away beforehand
+    (`RouteToModels`). Outputs as `SnapshotModelHandler`'s.
+    """
+
+    def __init__(
+        self,
+        models_dir: str | os.PathLike,
+        follow: bool = False,
+        poll_interval_seconds: float = 2.0,
+        max_models: int = DEFAULT_MAX_MODELS,
+    ) -> None:
+        super().__init__()
+        if max_models < 1:
+            raise ValueError(f"max_models must be at least 1, got {max_models}")
+        self._models_dir = os.fspath(models_dir)
+        self._follow = follow
+        self._poll_interval = poll_interval_seconds
+        self._max_models = max_models
+
+    def load_model(self) -> _ModelsByKey:
+        return _ModelsByKey(self._models_dir, self._follow, self._poll_interval, self._max_models)
+
+    def run_inference(
+        self,
+        batch: KeyedChunk,
+        model: _ModelsByKey,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        return _predictions(batch, model.current(batch.key))
+
+    def should_skip_batching(self) -> bool:
+        return True
+
+    def get_num_bytes(self, batch: KeyedChunk) -> int:
+        return int(batch.rows.nbytes)
+
+    def get_metrics_namespace(self) -> str:
+        return "aevb_score"
+
+
+class _RouteToModelsFn(beam.DoFn):
+    def __init__(self, models_dir: str) -> None:
+        self._models_dir = pathlib.Path(models_dir)
+
+    def setup(self) -> None:
+        # Keys seen with a model: versions are pruned but never all, so they keep one.
+        self._known: set[str] = set()
+
+    def process(self, chunk: KeyedChunk) -> Iterator[Any]:
+        if chunk.key in self._known or version_directories(self._models_dir / chunk.key):
+            self._known.add(chunk.key)
+            yield chunk
+            return
+        detail = f"no snapshot of model key {chunk.key!r} in {self._models_dir}"
+        for index in range(len(chunk)):
+            position = None if chunk.positions is None else int(chunk.positions[index])
+            unit = "row" if chunk.positions is None else "record"
+            record = record_locator(unit, position, row_excerpt(chunk.rows[index]))
+            letter = DeadLetter(chunk.source, "no_model", detail, record, position, chunk.origin)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
+
+
+class RouteToModels(beam.PTransform):
+    """`KeyedChunk`s -> those whose key has a model in ``models_dir`` (main output) and one
+    ``no_model`` dead letter per record of the others (`DEAD_LETTER_TAG`). A key whose first
+    model appears later is scored from then on."""
+
+    def __init__(self, models_dir: str | os.PathLike) -> None:
+        super().__init__()
+        self._models_dir = os.fspath(models_dir)
+
+    def expand(self, chunks: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
+        return chunks | "KeysWithModels" >> beam.ParDo(
+            _RouteToModelsFn(self._models_dir)
+        ).with_outputs(DEAD_LETTER_TAG, main="scored")
 
 
 class _NewestVersionsFn(beam.DoFn):
