@@ -394,3 +394,27 @@ def test_a_drift_detection_restarts_adagrad_at_the_next_update(
     session.train(dense)
     assert not optimizer.restart_pending.numpy()
     assert optimizer.updates_summed.numpy() == RESET_UPDATES + 1
+
+
+def test_a_drift_reset_is_saved_under_a_new_checkpoint_number(
+    tmp_path: pathlib.Path, fake_save: None
+) -> None:
+    """The reset changes the state after the step's own checkpoint: the next save (a
+    bundle's end) keeps it, under a number of its own, never over the step's checkpoint."""
+    settings = DriftSettings("page-hinkley", threshold=20, delta=1, min_minibatches=5)
+    cadence = Cadence(checkpoint_every_steps=1)
+    session = _session(tmp_path, cadence, drift=settings, reset_optimizer_on_drift=True)
+    rng = np.random.default_rng(7)
+    sparse, dense = ((rng.random((4, D)) < p).astype(np.float32) for p in (0.1, 0.9))
+    for _ in range(50):
+        session.train(sparse)
+    while not session.drift_detections:
+        session.train(dense)
+    step = session.trainer.step
+    assert session.checkpoints.saved_number == step  # the cadence's, before the reset
+    session.checkpoint()
+    assert session.checkpoints.saved_number == step + 1
+    session.checkpoint()  # nothing new: no save
+    assert session.checkpoints.saved_number == step + 1
+    restored = _session(tmp_path, cadence, drift=settings, reset_optimizer_on_drift=True)
+    assert restored.resumed and restored.trainer.optimizer.restart_pending.numpy()

@@ -50,6 +50,8 @@ class CheckpointStore:
         self.directory = pathlib.Path(directory)
         self.trainer = trainer
         self.read_ledger = ReadLedger()
+        # The number of the checkpoint restored or last written (None: none yet).
+        self.saved_number: int | None = None
         self._manager = tf.train.CheckpointManager(
             trainer.checkpoint(), os.fspath(self.directory), max_to_keep=max_to_keep
         )
@@ -75,7 +77,8 @@ class CheckpointStore:
                 "use another --output or the same model flags"
             )
         self._manager.checkpoint.restore(latest).assert_existing_objects_matched()
-        ledger = self._ledger_path(_checkpoint_number(latest))
+        self.saved_number = _checkpoint_number(latest)
+        ledger = self._ledger_path(self.saved_number)
         if ledger.exists():
             self.read_ledger = ReadLedger.from_dict(json.loads(ledger.read_text()))
         else:
@@ -103,6 +106,7 @@ class CheckpointStore:
         number = self.number()
         _write_atomically(self._ledger_path(number), json.dumps(self.read_ledger.to_dict()))
         prefix = self._manager.save(checkpoint_number=number)
+        self.saved_number = number
         kept = {_checkpoint_number(path) for path in self._manager.checkpoints}
         for ledger in self.directory.glob(f"{self.LEDGER_PREFIX}*.json"):
             if int(ledger.stem.removeprefix(self.LEDGER_PREFIX)) not in kept:
@@ -113,9 +117,12 @@ class CheckpointStore:
 
     def number(self) -> int:
         """The number the next checkpoint gets: the minibatches processed, applied or
-        skipped, so that it grows with every change of the state (the update step alone
-        stays put when a non-finite minibatch is skipped)."""
-        return self.trainer.step + self.trainer.skipped_steps
+        skipped (the update step alone stays put when a non-finite minibatch is skipped),
+        and always above the last one's (a drift reset changes the state between two
+        minibatches): no checkpoint is ever written twice under one number, so a kill
+        mid-write never spoils the newest."""
+        processed = self.trainer.step + self.trainer.skipped_steps
+        return processed if self.saved_number is None else max(processed, self.saved_number + 1)
 
     def _ledger_path(self, number: int) -> pathlib.Path:
         return self.directory / f"{self.LEDGER_PREFIX}{number}.json"

@@ -99,7 +99,8 @@ class TrainingSession:
         self.trainer = vae.Trainer(config)
         self.checkpoints = CheckpointStore(self.run_dir / "checkpoints" / key, self.trainer)
         self.resumed = self.checkpoints.restore()
-        self._saved_number = self.checkpoints.number() if self.resumed else None
+        # Whether the training state changed since it was restored or last saved.
+        self._unsaved = not self.resumed
         self.snapshots = SnapshotWriter(self.run_dir, key, keep=cadence.keep_snapshots)
         self.progress = progress or ProgressLog(self.run_dir / "progress.jsonl")
         self.evaluator = evaluator
@@ -153,6 +154,7 @@ class TrainingSession:
     ) -> TrainingRecord:
         started = time.perf_counter()
         result = self.trainer.train_step(batch)
+        self._unsaved = True
         # Scored and applied, or skipped as non-finite: either way done with, never retried.
         for origin, positions in read:
             self.checkpoints.read_ledger.add(origin, positions)
@@ -220,6 +222,7 @@ class TrainingSession:
         if self.reset_optimizer_on_drift:
             # After the snapshot, which keeps the model as it was when the data moved.
             self.trainer.reset_optimizer()
+            self._unsaved = True
             logger.info("%s: optimiser state reset (--adaptation reset)", self.key)
 
     def _notify(self, method: str, *args: Any) -> None:
@@ -276,10 +279,10 @@ class TrainingSession:
         """Saves the training state, unless nothing happened since the last save: a
         checkpoint is never rewritten in place (a kill mid-write would spoil the newest)."""
         with self._lock:
-            if self._saved_number == self.checkpoints.number():
+            if not self._unsaved:
                 return
             self.checkpoints.save()
-            self._saved_number = self.checkpoints.number()
+            self._unsaved = False
         self._last_checkpoint_step = self.trainer.step
 
     def close(self) -> pathlib.Path | None:
