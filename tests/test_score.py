@@ -25,7 +25,12 @@ from pipeline.ingest.decode import KeyedChunk
 from pipeline.jobs.score import build_scoring_pipeline
 from pipeline.outputs.scores import read_scores
 from pipeline.score.anomalies import Threshold, _FlagAnomaliesFn
-from pipeline.score.model_handler import SnapshotModelHandler, WatchSnapshots, _FollowedModel
+from pipeline.score.model_handler import (
+    SnapshotModelHandler,
+    WatchSnapshots,
+    _FollowedModel,
+    _RouteToModelsFn,
+)
 from pipeline.train.session import Cadence, TrainingSession
 from pipeline.train.snapshots import SnapshotWriter
 from vae.snapshot_format import read_metadata
@@ -474,3 +479,22 @@ def test_models_of_different_inputs_are_refused_in_one_line(tmp_path, capsys) ->
     argv = ["score", "--models", str(run / "snapshots"), "--dataset", "mnist-5k"]
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2
     assert "read different inputs" in capsys.readouterr().err
+
+
+def test_records_of_a_key_whose_model_reads_other_inputs_are_dead_letters(tmp_path) -> None:
+    snapshots = tmp_path / "run" / "snapshots"
+    SnapshotWriter(tmp_path / "run", "fits").write(vae.VAE(CONFIG), {})
+    SnapshotWriter(tmp_path / "run", "wide").write(
+        vae.VAE(dataclasses.replace(CONFIG, input_dim=9)), {}
+    )
+    route = _RouteToModelsFn(str(snapshots), CONFIG.input_dim, CONFIG.likelihood)
+    route.setup()
+    out = {
+        key: list(route.process(KeyedChunk(key, _rows(2, 1), "f.jsonl", np.array([3, 4]))))
+        for key in ("fits", "wide", "none")
+    }
+    assert [chunk.key for chunk in out["fits"]] == ["fits"]
+    for key, words in (("wide", "reads (9, 'bernoulli')"), ("none", "no snapshot")):
+        letters = [tagged.value for tagged in out[key]]
+        assert [(x.reason, x.position) for x in letters] == [("no_model", 3), ("no_model", 4)]
+        assert words in letters[0].detail

@@ -257,6 +257,11 @@ def test_at_most_n_models_in_memory_evicts_and_restores_exactly(
         "B",
         "C",
     }
+    # Each eviction snapshotted what the key had learned, and the end of the input the rest.
+    reasons = {m["reason"] for key in "ABC" for m in _snapshots(tmp_path / "bounded", key)}
+    assert "evicted" in reasons
+    for key, total in (("A", 12), ("B", 10), ("C", 9)):
+        assert _snapshots(tmp_path / "bounded", key)[-1]["examples_seen"] == total
     free = _run(events(), tmp_path / "free")
     for key in ("A", "B", "C"):
         _assert_same_state(

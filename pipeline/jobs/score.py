@@ -240,7 +240,13 @@ def build_scoring_pipeline(
     )
     follow = streaming and score.model_updates == "poll"
     if score.models:
-        chunks, unmodelled = chunks | "RouteToModels" >> RouteToModels(model)
+        if score.model_updates == "side-input":
+            raise ValueError(
+                "--models follows each key's versions by polling: --model-updates poll"
+            )
+        chunks, unmodelled = chunks | "RouteToModels" >> RouteToModels(
+            model, config.input_dim, config.likelihood
+        )
         letters = (letters, unmodelled) | "AllDeadLetters" >> beam.Flatten()
         handler = KeyedSnapshotModelHandler(
             model,

@@ -143,8 +143,8 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
             return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
         finally:
             # Models trained in this process (the local runners' workers) get their final
-            # checkpoint and snapshot here; elsewhere the end-of-input timer and the
-            # checkpoint at the end of every bundle keep them.
+            # checkpoint and snapshot here. Elsewhere the checkpoint at the end of every
+            # bundle keeps them, and in a batch job the end-of-input timer closes them.
             closed = close_live_sessions(directory)
             if closed:
                 logger.info("wrote final checkpoints and snapshots of %d models", closed)

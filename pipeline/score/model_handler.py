@@ -46,7 +46,12 @@ from pipeline.ingest.dead_letter import (
 )
 from pipeline.ingest.decode import KeyedChunk
 from pipeline.ingest.sources import WatchFiles
-from vae.snapshot_format import SAVED_MODEL_FILE, version_directories, version_number
+from vae.snapshot_format import (
+    SAVED_MODEL_FILE,
+    read_metadata,
+    version_directories,
+    version_number,
+)
 
 __all__ = ["KeyedSnapshotModelHandler", "RouteToModels", "SnapshotModelHandler", "WatchSnapshots"]
 
@@ -247,19 +252,32 @@ class KeyedSnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _Mode
 
 
 class _RouteToModelsFn(beam.DoFn):
-    def __init__(self, models_dir: str) -> None:
+    def __init__(self, models_dir: str, input_dim: int, likelihood: str) -> None:
         self._models_dir = pathlib.Path(models_dir)
+        self._inputs = (input_dim, likelihood)
 
     def setup(self) -> None:
-        # Keys seen with a model: versions are pruned but never all, so they keep one.
+        # Keys seen with a fitting model: versions are pruned but never all, so they keep one.
         self._known: set[str] = set()
 
     def process(self, chunk: KeyedChunk) -> Iterator[Any]:
-        if chunk.key in self._known or version_directories(self._models_dir / chunk.key):
+        if chunk.key in self._known:
+            yield chunk
+            return
+        versions = version_directories(self._models_dir / chunk.key)
+        config = read_metadata(versions[-1]).get("config", {}) if versions else {}
+        inputs = (config.get("input_dim"), config.get("likelihood"))
+        if versions and inputs == self._inputs:
             self._known.add(chunk.key)
             yield chunk
             return
-        detail = f"no snapshot of model key {chunk.key!r} in {self._models_dir}"
+        if versions:  # a model the job's records do not fit: scoring it would fail
+            detail = (
+                f"the model of key {chunk.key!r} reads {inputs}, the job's records are "
+                f"{self._inputs} (input_dim, likelihood)"
+            )
+        else:
+            detail = f"no snapshot of model key {chunk.key!r} in {self._models_dir}"
         for index in range(len(chunk)):
             position = None if chunk.positions is None else int(chunk.positions[index])
             unit = "row" if chunk.positions is None else "record"
@@ -269,18 +287,19 @@ class _RouteToModelsFn(beam.DoFn):
 
 
 class RouteToModels(beam.PTransform):
-    """`KeyedChunk`s -> those whose key has a model in ``models_dir`` (main output) and one
-    ``no_model`` dead letter per record of the others (`DEAD_LETTER_TAG`). A key whose first
-    model appears later is scored from then on."""
+    """`KeyedChunk`s -> those whose key has a model in ``models_dir`` that reads the job's
+    records (``input_dim``, ``likelihood``; main output), and one ``no_model`` dead letter
+    per record of the others (`DEAD_LETTER_TAG`). A key whose first model appears later is
+    scored from then on."""
 
-    def __init__(self, models_dir: str | os.PathLike) -> None:
+    def __init__(self, models_dir: str | os.PathLike, input_dim: int, likelihood: str) -> None:
         super().__init__()
-        self._models_dir = os.fspath(models_dir)
+        self._fn = _RouteToModelsFn(os.fspath(models_dir), input_dim, likelihood)
 
     def expand(self, chunks: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
-        return chunks | "KeysWithModels" >> beam.ParDo(
-            _RouteToModelsFn(self._models_dir)
-        ).with_outputs(DEAD_LETTER_TAG, main="scored")
+        return chunks | "KeysWithModels" >> beam.ParDo(self._fn).with_outputs(
+            DEAD_LETTER_TAG, main="scored"
+        )
 
 
 class _NewestVersionsFn(beam.DoFn):

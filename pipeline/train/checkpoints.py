@@ -23,6 +23,7 @@ import logging
 import os
 import pathlib
 import shutil
+from typing import Any
 
 import tensorflow as tf
 
@@ -111,7 +112,11 @@ class CheckpointStore:
         for ledger in self.directory.glob(f"{self.LEDGER_PREFIX}*.json"):
             if int(ledger.stem.removeprefix(self.LEDGER_PREFIX)) not in kept:
                 ledger.unlink(missing_ok=True)
-        state = {"step": self.trainer.step, "examples_seen": self.trainer.examples_seen}
+        state = {
+            "step": self.trainer.step,
+            "examples_seen": self.trainer.examples_seen,
+            "checkpoint": number,
+        }
         _write_atomically(self.directory / self.STATE_FILE, json.dumps(state))
         return prefix
 
@@ -144,8 +149,18 @@ def checkpointed_examples(run_dir: str | os.PathLike, key: str) -> int:
 
     Read from its `state.json`, so a job can resume its source without restoring a model.
     """
+    return _state(run_dir, key).get("examples_seen", 0)
+
+
+def checkpoint_number(run_dir: str | os.PathLike, key: str) -> int | None:
+    """The number of the newest checkpoint of `key` under `run_dir` (None if none), from
+    its `state.json`: a live session saved under a lower one is stale."""
+    return _state(run_dir, key).get("checkpoint")
+
+
+def _state(run_dir: str | os.PathLike, key: str) -> dict[str, Any]:
     state = pathlib.Path(run_dir) / "checkpoints" / key / CheckpointStore.STATE_FILE
-    return json.loads(state.read_text())["examples_seen"] if state.exists() else 0
+    return json.loads(state.read_text()) if state.exists() else {}
 
 
 def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[pathlib.Path]:

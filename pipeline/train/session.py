@@ -105,8 +105,11 @@ class TrainingSession:
         self.progress = progress or ProgressLog(self.run_dir / "progress.jsonl")
         self.evaluator = evaluator
         self._started = time.perf_counter()
-        self._last_snapshot_time = clock()
-        self._last_snapshot_examples = self.trainer.examples_seen
+        # From the newest snapshot, not from now: a session restored (after a restart or an
+        # eviction) keeps the snapshot cadence, and its close snapshots what came since.
+        newest = self._newest_snapshot_metadata()
+        self._last_snapshot_time = float(newest.get("created_unix_seconds", clock()))
+        self._last_snapshot_examples = newest.get("examples_seen", self.trainer.examples_seen)
         self._last_evaluation_examples = self.trainer.examples_seen
         self._last_checkpoint_step = self.trainer.step
         self._window = _Window()
@@ -121,7 +124,7 @@ class TrainingSession:
         self._notify(
             "on_open",
             self.key,
-            self._newest_snapshot_time(),
+            self._last_snapshot_time,
             self.drift.thresholds if self.drift else None,
         )
 
@@ -242,15 +245,9 @@ class TrainingSession:
                     exc_info=not seen,
                 )
 
-    def _newest_snapshot_time(self) -> float:
+    def _newest_snapshot_metadata(self) -> dict[str, Any]:
         newest = self.snapshots.latest_version()
-        if newest is not None:
-            created = read_metadata(self.snapshots.model_dir / str(newest)).get(
-                "created_unix_seconds"
-            )
-            if created is not None:
-                return float(created)
-        return self.clock()
+        return {} if newest is None else read_metadata(self.snapshots.model_dir / str(newest))
 
     def snapshot(self, reason: str) -> pathlib.Path:
         """Exports the current model as a new snapshot version now."""
@@ -285,17 +282,18 @@ class TrainingSession:
             self._unsaved = False
         self._last_checkpoint_step = self.trainer.step
 
-    def close(self) -> pathlib.Path | None:
-        """Final log line, checkpoint and snapshot; returns the newest snapshot directory."""
+    def close(self, reason: str = "end of run") -> pathlib.Path | None:
+        """Final log line, checkpoint and snapshot (unless the newest snapshot is of this very
+        model); returns the newest snapshot directory. `reason` names the snapshot."""
         with self._lock:
-            return self._close()
+            return self._close(reason)
 
-    def _close(self) -> pathlib.Path | None:
+    def _close(self, reason: str) -> pathlib.Path | None:
         self._log()
         self.checkpoint()
         newest = self.snapshots.latest_version()
         if newest is None or self.trainer.examples_seen != self._last_snapshot_examples:
-            return self._snapshot("end of run")
+            return self._snapshot(reason)
         return self.snapshots.model_dir / str(newest)
 
     def _after_step(self, record: TrainingRecord) -> None:

@@ -29,6 +29,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ import vae
 from pipeline.ingest import lifecycle
 from pipeline.ingest.decode import KeyedChunk
 from pipeline.ingest.keys import validate_model_key
-from pipeline.train.checkpoints import checkpointed_examples
+from pipeline.train.checkpoints import checkpoint_number
 from pipeline.train.counters import BeamCounters
 from pipeline.train.drift import DriftSettings
 from pipeline.train.observers import SessionObserver
@@ -99,9 +100,10 @@ class TrainVAE(beam.PTransform):
     observer of its own (the jobs pass `pipeline.outputs.metrics.PrometheusObserver`).
 
     With `max_models_in_memory`, a worker process keeps at most that many keys' models:
-    opening one more checkpoints the least recently used and drops it (Beam counter
-    ``aevb/models_evicted``); its next example restores it from that checkpoint, exactly.
-    An evicted key writes its final snapshot when it trains again or its input ends.
+    opening one more closes the least recently used -- checkpoint, and a snapshot (reason
+    "evicted") when it learned since its last -- and drops it (Beam counter
+    ``aevb/models_evicted``); its next example restores it from that checkpoint, exactly,
+    with its snapshot cadence; its drift detector starts afresh, as after a restart.
     """
 
     def __init__(
@@ -358,8 +360,9 @@ class TrainerDoFn(beam.DoFn):
                 self.spec, validate_model_key(key), evaluator, self.clock
             )
             for old in evicted:
-                # Its checkpoint is where the key's next example restores it from, exactly.
-                old.checkpoint()
+                # Its checkpoint is where the key's next example restores it from, exactly;
+                # its snapshot keeps the served model current while it is out of memory.
+                old.close(reason="evicted")
                 self._sessions.pop(old.key, None)
                 self.evicted_counter.inc()
             self._sessions[key] = session
@@ -417,6 +420,11 @@ def _test_bound_evaluator(test_data: np.ndarray, seed: int):
 _live_sessions: collections.OrderedDict[tuple[str, str], TrainingSession] = (
     collections.OrderedDict()
 )
+# Evicted sessions something still holds (another DoFn instance's bundle, the eviction
+# itself): reopening the key revives that object instead of forking a second model.
+_evicted_sessions: weakref.WeakValueDictionary[tuple[str, str], TrainingSession] = (
+    weakref.WeakValueDictionary()
+)
 _live_lock = threading.Lock()
 
 
@@ -424,12 +432,15 @@ def _open_session(
     spec: TrainerSpec, key: str, evaluator, clock: Callable[[], float]
 ) -> tuple[TrainingSession, list[TrainingSession]]:
     """The live session of `key` (restored when it is not live or is stale), and the least
-    recently used sessions of the run evicted to stay within `spec.max_models_in_memory`:
-    the caller checkpoints them (`_evict`)."""
+    recently used sessions of the run evicted to stay within `spec.max_models_in_memory`,
+    which the caller closes."""
+    name = (spec.run_dir, key)
     with _live_lock:
-        session = _live_sessions.get((spec.run_dir, key))
-        if session is None or session.examples_seen < checkpointed_examples(spec.run_dir, key):
-            # New here, or another worker process trained the key further since: restore.
+        session = _live_sessions.get(name) or _evicted_sessions.pop(name, None)
+        on_disk = checkpoint_number(spec.run_dir, key)
+        saved = None if session is None else session.checkpoints.saved_number
+        if session is None or (on_disk is not None and (saved is None or on_disk > saved)):
+            # New here, or another worker process checkpointed the key since: restore.
             session = TrainingSession(
                 spec.run_dir,
                 key,
@@ -441,13 +452,14 @@ def _open_session(
                 drift=spec.drift,
                 reset_optimizer_on_drift=spec.reset_optimizer_on_drift,
             )
-            _live_sessions[(spec.run_dir, key)] = session
-        _live_sessions.move_to_end((spec.run_dir, key))
+        _live_sessions[name] = session
+        _live_sessions.move_to_end(name)
         evicted = []
         if spec.max_models_in_memory is not None:
-            run = [name for name in _live_sessions if name[0] == spec.run_dir]
-            for name in run[: max(0, len(run) - spec.max_models_in_memory)]:
-                evicted.append(_live_sessions.pop(name))
+            run = [other for other in _live_sessions if other[0] == spec.run_dir]
+            for other in run[: max(0, len(run) - spec.max_models_in_memory)]:
+                evicted.append(_live_sessions.pop(other))
+                _evicted_sessions[other] = evicted[-1]
         return session, evicted
 
 
