@@ -112,7 +112,21 @@ class _FollowedModel:
         self._model = model
 
 
-class SnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _FollowedModel]):
+class _ChunkModelHandler(ModelHandler[KeyedChunk, PredictionResult, Any]):
+    """What both handlers share: chunks come batched from the sources, so RunInference's own
+    batching is skipped, and their metrics go to one namespace."""
+
+    def should_skip_batching(self) -> bool:
+        return True
+
+    def get_num_bytes(self, batch: KeyedChunk) -> int:
+        return int(batch.rows.nbytes)
+
+    def get_metrics_namespace(self) -> str:
+        return "aevb_score"
+
+
+class SnapshotModelHandler(_ChunkModelHandler):
     """RunInference over aevb snapshots: a `KeyedChunk` in, one `PredictionResult` per row out.
 
     ``PredictionResult.example`` is ``(key, source, position)``, ``.inference`` is
@@ -152,15 +166,6 @@ class SnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _FollowedM
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         return _predictions(batch, model.current())  # one version for the whole chunk
-
-    def should_skip_batching(self) -> bool:
-        return True
-
-    def get_num_bytes(self, batch: KeyedChunk) -> int:
-        return int(batch.rows.nbytes)
-
-    def get_metrics_namespace(self) -> str:
-        return "aevb_score"
 
 
 def _predictions(batch: KeyedChunk, loaded) -> list[PredictionResult]:
@@ -207,7 +212,7 @@ class _ModelsByKey:
         return followed.current()
 
 
-class KeyedSnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _ModelsByKey]):
+class KeyedSnapshotModelHandler(_ChunkModelHandler):
     """RunInference with a model per key, as Beam's `KeyedModelHandler` would: a chunk of key
     K is scored by the newest snapshot in ``models_dir/K`` (`RUN_DIR/snapshots` of a
     training job), followed as new versions appear with ``follow``. A worker holds at most
@@ -240,15 +245,6 @@ class KeyedSnapshotModelHandler(ModelHandler[KeyedChunk, PredictionResult, _Mode
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         return _predictions(batch, model.current(batch.key))
-
-    def should_skip_batching(self) -> bool:
-        return True
-
-    def get_num_bytes(self, batch: KeyedChunk) -> int:
-        return int(batch.rows.nbytes)
-
-    def get_metrics_namespace(self) -> str:
-        return "aevb_score"
 
 
 class _RouteToModelsFn(beam.DoFn):
