@@ -79,23 +79,27 @@ def test_a_restarted_batch_job_trains_only_what_is_new(tmp_path: pathlib.Path) -
     _run(_aevb(run, inbox))  # two new files: exactly their records
     assert _examples_seen(run) == valid + more
     assert len(_dead_letters(run)) == 6
-    # Content the model learned, under another name: nothing to learn, no letter again.
+    # A copy under another name is another file: it trains (a file per epoch repeats data).
     (inbox / "copy.csv").write_bytes((inbox / "part-000.csv").read_bytes())
     _run(_aevb(run, inbox))
-    assert _examples_seen(run) == valid + more and len(_dead_letters(run)) == 6
+    assert _examples_seen(run) == valid + more + 49 and len(_dead_letters(run)) == 7
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_one_content_under_two_names_trains_once(tmp_path: pathlib.Path) -> None:
-    # Rows of one file wait in Beam state for a minibatch while its twin arrives: each
-    # record still trains once (M = 10 does not divide the 49 valid rows of a file).
+def test_copies_under_other_names_each_train_and_a_restart_trains_none_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Rows of one file wait in Beam state for a minibatch while its copies arrive (M = 10
+    # does not divide the 49 valid rows of a file): each file's records train once.
     inbox, run = tmp_path / "inbox", tmp_path / "run"
     valid = _write_files(inbox, count=1, rows=50)
     for name in ("twin-a.csv", "twin-b.csv"):
         (inbox / name).write_bytes((inbox / "part-000.csv").read_bytes())
     _run(_aevb(run, inbox))
-    assert _examples_seen(run) == valid and len(_dead_letters(run)) == 1
+    assert _examples_seen(run) == 3 * valid and len(_dead_letters(run)) == 3
+    _run(_aevb(run, inbox))
+    assert _examples_seen(run) == 3 * valid and len(_dead_letters(run)) == 3
 
 
 @pytest.mark.slow
@@ -137,7 +141,9 @@ def test_kill_9_at_random_moments_then_restart_trains_every_record_once(
         path = inbox / f"part-{index:03d}.csv"
         bad = index % 400 + 1
         spans = [[1, bad], [bad + 1, 401]]
-        expected[content_origin(path.read_bytes())] = [span for span in spans if span[0] < span[1]]
+        expected[content_origin(str(path), path.read_bytes())] = [
+            span for span in spans if span[0] < span[1]
+        ]
     assert ReadLedger.from_dict(json.loads(newest.read_text())).to_dict() == expected
     letters = _dead_letters(run)
     assert len(letters) == 30

@@ -65,7 +65,7 @@ class DeadLetter:
     detail: str
     record: str
     position: int | None = None
-    # The content digest of the file it came from (`pipeline.ingest.decode.content_origin`),
+    # The file it came from, path and content (`pipeline.ingest.decode.content_origin`),
     # so that a restarted job that reads the file again writes none of its letters twice.
     origin: str | None = dataclasses.field(default=None, repr=False, compare=False)
 

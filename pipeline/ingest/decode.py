@@ -33,8 +33,10 @@ Rows without a key get ``default_key``. Valid rows are emitted as :class:`KeyedC
 >>> letter
 DeadLetter(source='a.csv', reason='non_numeric', detail="cell 2 ('oops') is not a number", \
 record='line 3: 0.5,oops', position=3)
->>> chunk.key, chunk.rows.tolist(), chunk.positions.tolist(), chunk.origin == content_origin(data)
-('default', [[0.0, 1.0], [1.0, 0.25]], [2, 4], True)
+>>> chunk.key, chunk.rows.tolist(), chunk.positions.tolist()
+('default', [[0.0, 1.0], [1.0, 0.25]], [2, 4])
+>>> chunk.origin == letter.origin == content_origin("a.csv", data)
+True
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class KeyedChunk:
 
     ``positions`` gives each row's place in its source as dead letters count it (int64
     [k]), or is None where unknown or meaningless (Kafka messages, data-set replays).
-    ``origin`` names a file's content (`content_origin`): the trainer's read ledger counts
+    ``origin`` names a file and its content (`content_origin`): the trainer's read ledger counts
     positions per origin, so that a restarted job trains no record twice.
     """
 
@@ -197,7 +199,7 @@ def decode_file(
         items = [_file_letter(path, data, "unparseable_file", f"cannot parse: {_describe(error)}")]
     # Everything a file yields names its content: a restarted job that reads it again trains
     # no record twice (the trainer's read ledger) and writes no dead letter twice.
-    origin = content_origin(data)
+    origin = content_origin(path, data)
     for item in items:
         yield dataclasses.replace(item, origin=origin)
 
@@ -227,14 +229,15 @@ def _file_letter(source: str, data: bytes, reason: str, detail: str) -> DeadLett
     return DeadLetter(source, reason, detail, record)
 
 
-def content_origin(data: bytes) -> str:
-    """What names a file's content: a digest of its bytes (the same name with new content is
-    another file; the same content under another name is the same one).
+def content_origin(path: str, data: bytes) -> str:
+    """What names a file and its content: its path and a digest of its bytes. New content
+    under a name read before is another file, and so is a copy under another name (files
+    that repeat data, such as one file per epoch, each train).
 
-    >>> content_origin(b"0,1\\n")
-    'b2:549cce2198b211eb7bedefd0259ac5b1'
+    >>> content_origin("in/a.csv", b"0,1\\n")
+    'in/a.csv@b2:549cce2198b211eb7bedefd0259ac5b1'
     """
-    return "b2:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+    return f"{path}@b2:" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _validated(

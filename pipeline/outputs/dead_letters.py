@@ -1,7 +1,7 @@
 """Writing and counting dead letters: ``RUN_DIR/dead_letter/dead_letter-<host>-<pid>.jsonl``.
 
 Each line is a JSON object with the `pipeline.ingest.dead_letter.DeadLetter` fields and
-``seen_unix_seconds``. A letter of a file already written (same content, position and
+``seen_unix_seconds``. A letter of a file already written (same file and content, position and
 reason: a restarted job reading its files again) is not written or counted again. Every
 letter is counted in the Beam counter ``aevb/records_rejected_total_<reason>`` and, when the
 job exports Prometheus metrics, in ``aevb_records_rejected_total{model, reason}``.

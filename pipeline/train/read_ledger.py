@@ -2,8 +2,9 @@
 
 A restarted job reads its files again; the key's ledger, saved with each of its checkpoints,
 says which of their records the restored model has already learned from, and those are
-dropped before training. A file is known by its content (`origin`, a digest of its bytes,
-see `pipeline.ingest.decode`), so the same name with new content is a new file. Positions
+dropped before training. A file is known by its path and content (`origin`, see
+`pipeline.ingest.decode.content_origin`), so the same name with new content is a new file.
+Positions
 are the records' places in their file, kept as sorted half-open intervals: a file trained
 in order is one interval, whatever its length.
 

@@ -8,7 +8,7 @@ minibatch after `max_batch_wait_seconds` (streaming), and the end-of-input timer
 last ones and writes the final checkpoint and snapshot (bounded input, or a drained stream).
 
 After a crash the model is the one of its last checkpoint. Rows from files carry their
-file's content digest and positions: the key's read ledger, saved with each checkpoint,
+file's path, content digest and positions: the key's read ledger, saved with each checkpoint,
 says which of them the restored model learned, and those are dropped (counted in the Beam
 counter ``aevb/examples_already_trained``), so a job that reads its files again trains
 each record once. Other sources replay from where their own position says (see the
@@ -158,7 +158,7 @@ class TrainVAE(beam.PTransform):
 class Rows:
     """Examples of one key on their way to a minibatch, and the file records they are.
 
-    ``origin`` (the file's content digest) and ``positions`` (its records') are None for
+    ``origin`` (the file's path and content digest) and ``positions`` (its records') are None for
     rows that come from no file: a data-set replay, Kafka.
     """
 
@@ -231,7 +231,7 @@ class TrainerDoFn(beam.DoFn):
         # and drift_detections_total are counted by the sessions' `BeamCounters` observer.
         self.dropped_counter = Metrics.counter("aevb", "examples_beyond_max_examples")
         # File records a restored model had learned already (read again after a restart, or
-        # the same content under another name): dropped, never trained twice.
+        # a retried bundle): dropped, never trained twice.
         self.known_counter = Metrics.counter("aevb", "examples_already_trained")
         self.evicted_counter = Metrics.counter("aevb", "models_evicted")
 
@@ -326,7 +326,7 @@ class TrainerDoFn(beam.DoFn):
         self, session: TrainingSession, parts: list[Rows], timestamp
     ) -> Iterator[TrainingRecord]:
         # Checked again here, not only on arrival: rows that waited in Beam state may have
-        # been learned meanwhile (the same content under another name, a retried bundle).
+        # been learned meanwhile (a retried bundle, a file read again while they waited).
         fresh = _unread_once(session, parts)
         self.known_counter.inc(sum(map(len, parts)) - sum(map(len, fresh)))
         parts = fresh
