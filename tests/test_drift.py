@@ -256,14 +256,10 @@ class Broken(SessionObserver):
 def stand_in_export(monkeypatch: pytest.MonkeyPatch) -> None:
     """A SavedModel export takes seconds; these tests are about when snapshots happen."""
 
-    class Exporter:
-        def __init__(self, model) -> None:
-            self.model = model
+    def save(model, directory) -> None:
+        (pathlib.Path(directory) / "saved_model.pb").write_bytes(b"stand-in")
 
-        def save(self, directory) -> None:
-            (pathlib.Path(directory) / "saved_model.pb").write_bytes(b"stand-in")
-
-    monkeypatch.setattr(vae, "Exporter", Exporter)
+    monkeypatch.setattr(vae, "save", save)
 
 
 def test_session_logs_snapshots_and_tells_observers_on_drift(

@@ -1,5 +1,6 @@
 """Tests for vae.export: the SavedModel's signatures, its outputs, and the way back to a VAE."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import tensorflow as tf
 
 import vae
 from vae.config import VAEConfig
-from vae.export import EXPORT_SEED, SIGNATURES, load_model, save
+from vae.export import EXPORT_SEED, SIGNATURES, ServingModule, exporter_for, load_model, save
 from vae.model import VAE
 
 CONFIGS = {
@@ -272,3 +273,46 @@ def test_saved_model_serves_without_tfp_or_this_package(exports, tmp_path) -> No
         outputs = reply["outputs"][str(directory)]
         assert set(outputs) == set(SIGNATURES)
         _assert_outputs_close(outputs, expected[likelihood])
+
+
+def _all_outputs(directory: pathlib.Path, inputs: dict) -> dict[str, dict[str, np.ndarray]]:
+    loaded = tf.saved_model.load(str(directory))
+    arguments = {**inputs, "sample": {k: tf.constant(v) for k, v in SAMPLE_ARGS.items()}}
+    return {name: _call(loaded.signatures[name], arguments[name]) for name in SIGNATURES}
+
+
+def test_snapshots_share_one_traced_graph_and_equal_a_direct_export(exports, tmp_path) -> None:
+    """`save` writes the configuration's graph traced once plus the model's variables: the
+    same outputs, bit for bit, as `tf.saved_model.save` of the model's own module."""
+    for likelihood, (model, directory) in exports.items():
+        direct = tmp_path / f"direct-{likelihood}"
+        module = ServingModule(model)
+        tf.saved_model.save(module, str(direct), signatures=module.signatures())
+        inputs = _inputs(model.config)
+        ours, theirs = _all_outputs(directory, inputs), _all_outputs(direct, inputs)
+        for name in SIGNATURES:
+            for output, value in theirs[name].items():
+                np.testing.assert_array_equal(ours[name][output], value, err_msg=name)
+    # One exporter per configuration, whatever the seed: a second model does not trace again.
+    config = CONFIGS["bernoulli"]
+    assert exporter_for(config) is exporter_for(dataclasses.replace(config, seed=99))
+
+
+def test_snapshot_restores_through_the_graph_saver_as_tf_serving_does(exports) -> None:
+    """TF Serving's C++ loader restores variables by the graph's saver ops, by tensor name:
+    the TF1 loader takes the same path, so the names the variables were written under must
+    be the ones the copied graph reads."""
+    model, directory = exports["gaussian"]
+    x = _inputs(model.config)["elbo"]["x"]
+    expected = model.bound(x, EXPORT_SEED).elbo.numpy()
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(directory))
+        signature = meta_graph.signature_def["elbo"]
+        elbo = session.run(signature.outputs["elbo"].name, {signature.inputs["x"].name: x})
+    np.testing.assert_allclose(elbo, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_an_exporter_refuses_a_model_of_another_configuration(tmp_path) -> None:
+    exporter = exporter_for(CONFIGS["bernoulli"])
+    with pytest.raises(ValueError, match="this exporter writes models of"):
+        exporter.save(VAE(CONFIGS["gaussian"]), tmp_path / "model")

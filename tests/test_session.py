@@ -38,22 +38,13 @@ class FakeClock:
 
 @pytest.fixture
 def fake_save(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replaces the SavedModel export (`vae.save`, and `vae.Exporter` which caches traced
-    signatures) by a stand-in: these tests are about *when* snapshots happen
-    (tests/test_snapshots.py loads real ones)."""
+    """Replaces the SavedModel export (`vae.save`) by a stand-in: these tests are about
+    *when* snapshots happen (tests/test_snapshots.py loads real ones)."""
 
     def save(model: vae.VAE, directory) -> None:
         (pathlib.Path(directory) / "saved_model.pb").write_bytes(b"stand-in")
 
-    class Exporter:
-        def __init__(self, model: vae.VAE) -> None:
-            self.model = model
-
-        def save(self, directory) -> None:
-            save(self.model, directory)
-
     monkeypatch.setattr(vae, "save", save)
-    monkeypatch.setattr(vae, "Exporter", Exporter, raising=False)
 
 
 def _batches(count: int, size: int = 4, seed: int = 0) -> list[np.ndarray]:

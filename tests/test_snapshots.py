@@ -49,20 +49,10 @@ class ExportStandIn:
 
 @pytest.fixture
 def fake_save(monkeypatch: pytest.MonkeyPatch) -> ExportStandIn:
-    """Replaces the export (`vae.save`, and `vae.Exporter` which caches traced signatures)
-    for the tests of numbering and failure handling; the tests that load a snapshot use the
-    real export."""
+    """Replaces the export (`vae.save`) for the tests of numbering and failure handling; the
+    tests that load a snapshot use the real export."""
     stand_in = ExportStandIn()
-
-    class Exporter:
-        def __init__(self, model: vae.VAE) -> None:
-            self.model = model
-
-        def save(self, directory) -> None:
-            stand_in.save(self.model, directory)
-
     monkeypatch.setattr(vae, "save", stand_in.save)
-    monkeypatch.setattr(vae, "Exporter", Exporter, raising=False)
     return stand_in
 
 

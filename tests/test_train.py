@@ -10,7 +10,7 @@ from prototypes import FLIP, prototype_data, true_log_likelihood
 
 from vae.config import VAEConfig
 from vae.optimizers import EPSILON, Adagrad
-from vae.train import StepResult, Trainer
+from vae.train import StepResult, Trainer, step_program
 
 TINY = VAEConfig(input_dim=6, latent_dim=2, hidden_dim=8, batch_size=4, learning_rate=0.05)
 
@@ -79,6 +79,35 @@ def test_adagrad_matches_the_numpy_reference_and_resets() -> None:
     np.testing.assert_allclose(adagrad.accumulators[1].numpy(), accum[1] / 2, rtol=1e-6)
     expected_step = -lr * g / (np.sqrt(restarted) + 1e-10)
     np.testing.assert_allclose(w.numpy() - before, expected_step, rtol=1e-5, atol=1e-6)
+
+
+def test_trainers_of_a_configuration_share_one_compiled_step_and_keep_their_own_state() -> None:
+    config = dataclasses.replace(TINY, hidden_dim=7)  # a program no other test has traced
+    batches = [_batch(seed=seed) for seed in range(6)]
+    alone = []
+    for seed in (0, 1):
+        trainer = Trainer(dataclasses.replace(config, seed=seed))
+        alone.append(([trainer.train_step(b) for b in batches], _state(trainer), trainer))
+    interleaved = [Trainer(dataclasses.replace(config, seed=seed)) for seed in (0, 1)]
+    results = [[], []]
+    for batch in batches:
+        for index, trainer in enumerate(interleaved):
+            results[index].append(trainer.train_step(batch))
+    assert step_program(config).tracing_count == 1
+    for index, trainer in enumerate(interleaved):
+        for a, b in zip(alone[index][0], results[index], strict=True):
+            _assert_same_results(a, b)
+        for a, b in zip(alone[index][1], _state(trainer), strict=True):
+            np.testing.assert_array_equal(a, b)
+    # Not vacuous: the two seeds gave two different models.
+    assert not np.array_equal(_parameters(alone[0][2])[0], _parameters(alone[1][2])[0])
+
+
+def test_parameters_keep_the_order_optimisers_made_their_slots_in() -> None:
+    trainer = Trainer(TINY)
+    assert [v.name for v in trainer.model.parameters()] == [
+        v.name for v in trainer.model.trainable_variables
+    ]
 
 
 def test_trainer_optimizer_covers_every_parameter() -> None:

@@ -17,17 +17,26 @@ The graph holds core TensorFlow ops only: loading it needs neither TFP nor this 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
+import pathlib
+import tempfile
 
 import tensorflow as tf
 
 from vae.config import VAEConfig
-from vae.model import VAE
-from vae.snapshot_format import SIGNATURES
+from vae.model import LAYERS, VAE
+from vae.snapshot_format import SAVED_MODEL_FILE, SIGNATURES
 
 EXPORT_SEED = (0, 0)
-LAYERS = ("encoder_hidden", "encoder_output", "decoder_hidden", "decoder_output")
+
+
+def _config_json(config: VAEConfig) -> tf.Variable:
+    return tf.Variable(
+        json.dumps(config.to_dict(), sort_keys=True), trainable=False, dtype=tf.string
+    )
 
 
 class ServingModule(tf.Module):
@@ -36,9 +45,7 @@ class ServingModule(tf.Module):
     def __init__(self, model: VAE) -> None:
         super().__init__(name="aevb")
         self.model = model
-        self.config_json = tf.Variable(
-            json.dumps(model.config.to_dict(), sort_keys=True), trainable=False, dtype=tf.string
-        )
+        self.config_json = _config_json(model.config)
         x_spec = tf.TensorSpec([None, model.config.input_dim], tf.float32, name="x")
         z_spec = tf.TensorSpec([None, model.config.latent_dim], tf.float32, name="z")
         self.serving_default = tf.function(self._serving_default, input_signature=[x_spec])
@@ -86,24 +93,49 @@ class ServingModule(tf.Module):
 
 
 class Exporter:
-    """Writes snapshots of one model again and again, tracing its signatures only once.
+    """Writes snapshots of the models of one configuration, tracing their signatures once.
 
-    Tracing six signatures costs seconds; saving already traced ones a fraction of that,
-    which is what keeps periodic snapshots from stalling training.
+    Tracing six signatures costs seconds -- per model, were each exported on its own. The
+    graph of a SavedModel does not depend on the values of its variables, so it is traced
+    once, for a stand-in model of the configuration, and every snapshot is that graph
+    (`saved_model.pb`, copied) plus the model's variables written under the names the graph
+    restores them from: the files `tf.saved_model.save` would have written, in the time it
+    takes to write the variables.
     """
 
-    def __init__(self, model: VAE) -> None:
-        self.model = model
-        self._module = ServingModule(model)
-        self._signatures = self._module.signatures()
+    def __init__(self, config: VAEConfig) -> None:
+        self.config = config
+        module = ServingModule(VAE(config))
+        with tempfile.TemporaryDirectory() as directory:
+            tf.saved_model.save(module, directory, signatures=module.signatures())
+            self._graph = (pathlib.Path(directory) / SAVED_MODEL_FILE).read_bytes()
 
-    def save(self, directory: str | os.PathLike) -> None:
-        tf.saved_model.save(self._module, os.fspath(directory), signatures=self._signatures)
+    def save(self, model: VAE, directory: str | os.PathLike) -> None:
+        """Writes `model` (of this exporter's configuration) as a SavedModel into `directory`."""
+        if dataclasses.replace(model.config, seed=0) != dataclasses.replace(self.config, seed=0):
+            raise ValueError(f"this exporter writes models of {self.config}, not {model.config}")
+        directory = pathlib.Path(directory)
+        (directory / "variables").mkdir(parents=True, exist_ok=True)
+        (directory / SAVED_MODEL_FILE).write_bytes(self._graph)
+        # The object paths of `ServingModule`'s variables: the keys its graph restores.
+        tf.train.Checkpoint(model=model, config_json=_config_json(model.config)).write(
+            os.fspath(directory / "variables" / "variables")
+        )
+
+
+@functools.cache
+def _exporter(config: VAEConfig) -> Exporter:
+    return Exporter(config)
+
+
+def exporter_for(config: VAEConfig) -> Exporter:
+    """The `Exporter` of this process for `config` (whose seed does not enter the graph)."""
+    return _exporter(dataclasses.replace(config, seed=0))
 
 
 def save(model: VAE, directory: str | os.PathLike) -> None:
     """Writes `model` as a SavedModel with the signatures above into `directory`."""
-    Exporter(model).save(directory)
+    exporter_for(model.config).save(model, directory)
 
 
 def load_model(directory: str | os.PathLike) -> VAE:

@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -34,20 +35,34 @@ class BoundParts(NamedTuple):
     kl: tf.Tensor
 
 
-class Dense(tf.Module):
-    """An affine map x @ kernel + bias with parameters drawn from N(0, stddev^2)."""
+LAYERS = ("encoder_hidden", "encoder_output", "decoder_hidden", "decoder_output")
+# The order of `VAE.parameters()`: that of `tf.Module.trainable_variables` (by attribute
+# name), in which optimisers have always created their slots, so checkpoints written before
+# models shared their compiled step still restore.
+PARAMETER_ORDER = tuple(
+    (layer, weight) for layer in sorted(LAYERS) for weight in ("bias", "kernel")
+)
 
-    def __init__(
-        self, in_dim: int, out_dim: int, stddev: float, rng: np.random.Generator, name: str
-    ) -> None:
+
+class Dense(tf.Module):
+    """An affine map x @ kernel + bias."""
+
+    def __init__(self, kernel: tf.Variable, bias: tf.Variable, name: str) -> None:
         super().__init__(name=name)
-        with self.name_scope:
-            self.kernel = tf.Variable(
+        self.kernel = kernel
+        self.bias = bias
+
+    @classmethod
+    def initialized(
+        cls, in_dim: int, out_dim: int, stddev: float, rng: np.random.Generator, name: str
+    ) -> Dense:
+        """A layer with new variables drawn from N(0, stddev^2)."""
+        with tf.name_scope(name):
+            kernel = tf.Variable(
                 rng.normal(0.0, stddev, (in_dim, out_dim)).astype(np.float32), name="kernel"
             )
-            self.bias = tf.Variable(
-                rng.normal(0.0, stddev, (out_dim,)).astype(np.float32), name="bias"
-            )
+            bias = tf.Variable(rng.normal(0.0, stddev, (out_dim,)).astype(np.float32), name="bias")
+        return cls(kernel, bias, name)
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         return tf.matmul(x, self.kernel) + self.bias
@@ -62,18 +77,35 @@ class VAE(tf.Module):
     keeps the means in (0, 1) as the paper does for Frey Face.
     """
 
-    def __init__(self, config: VAEConfig, name: str = "vae") -> None:
+    def __init__(
+        self,
+        config: VAEConfig,
+        name: str = "vae",
+        parameters: Sequence[tf.Variable] | None = None,
+    ) -> None:
+        """A model with new parameters drawn for `config.seed`, or on given `parameters`
+        (in the order of `parameters()`): how one compiled training step serves the
+        variables of every model of a configuration (see `vae.train`)."""
         super().__init__(name=name)
         self.config = config
+        if parameters is not None:
+            given = dict(zip(PARAMETER_ORDER, parameters, strict=True))
+            for layer in LAYERS:
+                setattr(self, layer, Dense(given[layer, "kernel"], given[layer, "bias"], layer))
+            return
         # NumPy's generator makes initialisation identical on every platform for a seed.
         rng = np.random.default_rng(config.seed)
         d, h, j, s = config.input_dim, config.hidden_dim, config.latent_dim, config.init_stddev
         decoder_outputs = d if config.likelihood == "bernoulli" else 2 * d
         with self.name_scope:
-            self.encoder_hidden = Dense(d, h, s, rng, "encoder_hidden")
-            self.encoder_output = Dense(h, 2 * j, s, rng, "encoder_output")
-            self.decoder_hidden = Dense(j, h, s, rng, "decoder_hidden")
-            self.decoder_output = Dense(h, decoder_outputs, s, rng, "decoder_output")
+            self.encoder_hidden = Dense.initialized(d, h, s, rng, "encoder_hidden")
+            self.encoder_output = Dense.initialized(h, 2 * j, s, rng, "encoder_output")
+            self.decoder_hidden = Dense.initialized(j, h, s, rng, "decoder_hidden")
+            self.decoder_output = Dense.initialized(h, decoder_outputs, s, rng, "decoder_output")
+
+    def parameters(self) -> list[tf.Variable]:
+        """The weights in `PARAMETER_ORDER`, whether variables of this model or given ones."""
+        return [getattr(getattr(self, layer), weight) for layer, weight in PARAMETER_ORDER]
 
     def prior(self) -> tfd.Distribution:
         """p(z) = N(0, I)."""
@@ -141,7 +173,7 @@ class VAE(tf.Module):
 
     def prior_log_density(self) -> tf.Tensor:
         """log p(theta) under the MAP prior N(0, I), without its constant."""
-        return -0.5 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.trainable_variables])
+        return -0.5 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.parameters()])
 
 
 def reparameterized_sample(
@@ -185,6 +217,7 @@ def train_flops_per_example(config: VAEConfig) -> float:
 
 
 __all__ = [
+    "LAYERS",
     "VAE",
     "BoundParts",
     "parameter_count",

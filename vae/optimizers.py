@@ -41,7 +41,8 @@ state in variables tracked by its module, so the state is part of a trainer's ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -58,13 +59,31 @@ ADAM_EPSILON = 1e-8
 
 
 class Optimizer(tf.Module):
-    """State per parameter in slot variables; `apply_gradients` runs inside tf.function."""
+    """State per parameter in slot variables; `apply_gradients` runs inside tf.function.
+
+    An optimiser made with the `state` of another (the variables `state()` returns) acts on
+    those: one compiled step serves every model of a configuration that way, taking each
+    model's variables as arguments (see `vae.train`).
+    """
+
+    # The attributes holding the optimiser's variables, as `state()` returns them.
+    STATE: tuple[str, ...] = ()
 
     def __init__(self, variables: Sequence[tf.Variable], learning_rate: float, name: str):
         super().__init__(name=name)
         self.learning_rate = learning_rate
         # Kept as a tuple of references, not tracked: the model owns and checkpoints them.
         self._variables = tuple(variables)
+
+    def state(self) -> dict[str, Any]:
+        """The optimiser's variables by attribute name (lists for per-parameter slots)."""
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def _adopt(self, state: Mapping[str, Any]) -> None:
+        if set(state) != set(self.STATE):
+            raise ValueError(f"{type(self).__name__} state needs {self.STATE}, got {sorted(state)}")
+        for name in self.STATE:
+            setattr(self, name, state[name])
 
     def _slots(self, label: str) -> list[tf.Variable]:
         with self.name_scope:
@@ -92,6 +111,8 @@ class Optimizer(tf.Module):
 class Adagrad(Optimizer):
     """Per-parameter step sizes lr / sqrt(sum of squared gradients), optionally forgetting."""
 
+    STATE = ("accumulators", "updates_summed", "restart_pending")
+
     def __init__(
         self,
         variables: Sequence[tf.Variable],
@@ -100,6 +121,7 @@ class Adagrad(Optimizer):
         update_clip_threshold: float | None = None,
         reset_updates: int = RESET_UPDATES,
         name: str = "adagrad",
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(variables, learning_rate, name)
         if half_life_examples is not None and not half_life_examples > 0:
@@ -111,6 +133,9 @@ class Adagrad(Optimizer):
         self.half_life_examples = half_life_examples
         self.update_clip_threshold = update_clip_threshold
         self.reset_updates = reset_updates
+        if state is not None:
+            self._adopt(state)
+            return
         self.accumulators = self._slots("accumulator")
         with self.name_scope:
             # How many updates the accumulators hold (fewer when they forget or were reset).
@@ -174,15 +199,21 @@ class Adagrad(Optimizer):
 class RMSProp(Optimizer):
     """Tieleman & Hinton's RMSProp: lr * g / sqrt(moving average of g^2)."""
 
+    STATE = ("mean_squares", "_momenta")
+
     def __init__(
         self,
         variables: Sequence[tf.Variable],
         learning_rate: float,
         rho: float = 0.9,
         name: str = "rmsprop",
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(variables, learning_rate, name)
         self.rho = rho
+        if state is not None:
+            self._adopt(state)
+            return
         self.mean_squares = self._slots("mean_square")
         self._momenta = self._slots("momentum")  # required by the fused kernel; stays zero
 
@@ -208,6 +239,8 @@ class RMSProp(Optimizer):
 class Adam(Optimizer):
     """Kingma & Ba's Adam with bias correction."""
 
+    STATE = ("first_moments", "second_moments", "beta_1_power", "beta_2_power")
+
     def __init__(
         self,
         variables: Sequence[tf.Variable],
@@ -215,9 +248,13 @@ class Adam(Optimizer):
         beta_1: float = 0.9,
         beta_2: float = 0.999,
         name: str = "adam",
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(variables, learning_rate, name)
         self.beta_1, self.beta_2 = beta_1, beta_2
+        if state is not None:
+            self._adopt(state)
+            return
         self.first_moments = self._slots("first_moment")
         self.second_moments = self._slots("second_moment")
         with self.name_scope:
@@ -258,14 +295,17 @@ def make_optimizer(
     learning_rate: float,
     half_life_examples: float | None = None,
     update_clip_threshold: float | None = None,
+    state: Mapping[str, Any] | None = None,
 ) -> Optimizer:
-    """The optimiser a `VAEConfig` names."""
+    """The optimiser a `VAEConfig` names, with new state or acting on a given `state`."""
     if kind == "adagrad":
-        return Adagrad(variables, learning_rate, half_life_examples, update_clip_threshold)
+        return Adagrad(
+            variables, learning_rate, half_life_examples, update_clip_threshold, state=state
+        )
     if half_life_examples is not None or update_clip_threshold is not None:
         raise ValueError("a half-life and an update clip apply to Adagrad only")
     if kind == "rmsprop":
-        return RMSProp(variables, learning_rate)
+        return RMSProp(variables, learning_rate, state=state)
     if kind == "adam":
-        return Adam(variables, learning_rate)
+        return Adam(variables, learning_rate, state=state)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")

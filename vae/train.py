@@ -1,5 +1,9 @@
 """Online training: one compiled, test-then-train Adagrad step per minibatch.
 
+The step is compiled once per model configuration, not once per model: it takes a
+trainer's variables as arguments (`StepProgram`), so a fleet of models -- one per tenant or
+sensor -- shares one XLA program, and a new model costs only the allocation of its state.
+
 Each step first evaluates the SGVB bound of the incoming minibatch under the current
 parameters -- an honest estimate on data the model has not been trained on -- then ascends
 the gradient of that same estimate. A minibatch whose loss or gradients are not finite is
@@ -17,6 +21,8 @@ counted and skipped; the parameters never see it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -36,6 +42,115 @@ class StepResult:
     applied: bool
 
 
+# Philox, named: `_draw_seed` implements it for a generator state given as an argument.
+RNG_ALGORITHM = tf.random.Algorithm.PHILOX
+# Philox's counter is two 64-bit words of the generator state; the key is the third.
+PHILOX_COUNTER_SIZE = 2
+
+
+def _draw_seed(rng_state: tf.Variable) -> tf.Tensor:
+    """`tf.random.Generator.uniform_full_int([2], tf.int32)` of the generator whose state
+    variable this is, with the same ops (checkpoints written before the step was shared
+    continue with the same random numbers): advance the counter, then draw statelessly."""
+    counter_key = tf.raw_ops.RngReadAndSkip(
+        resource=rng_state.handle,
+        alg=tf.constant(RNG_ALGORITHM.value, tf.int32),
+        delta=tf.constant(2, tf.uint64),
+    )
+    counter = tf.bitcast(counter_key[:PHILOX_COUNTER_SIZE], tf.uint64)
+    key = tf.bitcast(counter_key[PHILOX_COUNTER_SIZE : PHILOX_COUNTER_SIZE + 1], tf.uint64)
+    return tf.raw_ops.StatelessRandomUniformFullIntV2(
+        shape=[2], key=key, counter=counter, alg=RNG_ALGORITHM.value, dtype=tf.int32
+    )
+
+
+class StepProgram:
+    """The compiled test-then-train step of one model configuration, for any trainer of it.
+
+    The trainer's variables -- parameters, optimiser state, counters and random state -- are
+    arguments of the compiled function, not captures, so XLA compiles it once for all the
+    trainers of a configuration (a second trainer's first step measured ~1 s before this
+    became so: a trace and an XLA compilation per model).
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        self.config = config
+        self._function = tf.function(self._train_step, jit_compile=True)
+        self._traced: tf.types.experimental.ConcreteFunction | None = None
+
+    @property
+    def tracing_count(self) -> int:
+        """How many times the step was traced (and compiled): 1 once it has run."""
+        return self._function.experimental_get_tracing_count()
+
+    def __call__(self, state: dict[str, Any], x: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+        """Runs the step on `state` (a `Trainer.state()`): [4, M] rows of elbo,
+        reconstruction, kl and whether the update was applied."""
+        if self._traced is None:
+            # Calling the traced function itself skips tf.function's matching of the arguments
+            # on every call: measured ~0.4 ms, a tenth of a step of the paper's model.
+            self._traced = self._function.get_concrete_function(
+                state,
+                tf.TensorSpec([None, self.config.input_dim], tf.float32),
+                tf.TensorSpec([], tf.int32),
+            )
+        return self._traced(state, x, count)
+
+    def _train_step(self, state: dict[str, Any], x: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+        config = self.config
+        parameters = state["parameters"]
+        model = VAE(config, parameters=parameters)
+        optimizer = make_optimizer(
+            config.optimizer,
+            parameters,
+            config.learning_rate,
+            config.accumulator_half_life_examples,
+            config.update_clip_threshold,
+            state=state["optimizer"],
+        )
+        seed = _draw_seed(state["rng_state"])
+        real = tf.range(tf.shape(x)[0]) < count
+        with tf.GradientTape() as tape:
+            parts = model.bound(x, seed)
+            # tf.where, not a product with the mask: a padded row must not turn inf into nan.
+            loss = -tf.reduce_sum(tf.where(real, parts.elbo, 0.0)) / tf.cast(count, tf.float32)
+            if config.weight_decay:
+                loss -= config.weight_decay * model.prior_log_density()
+        gradients = tape.gradient(loss, parameters)
+        # NaN and inf propagate through sums, so one float reduction per gradient finds any
+        # non-finite element (an elementwise is_finite pass cost ~5% of the step). Only sums
+        # beyond float32's range (~3e38) would be flagged wrongly: no step worth taking.
+        finite = tf.math.is_finite(loss + tf.add_n([tf.reduce_sum(g) for g in gradients]))
+
+        def apply() -> tf.Tensor:
+            optimizer.apply_gradients(gradients, batch_size=count)
+            state["step"].assign_add(1)
+            return tf.constant(True)
+
+        def skip() -> tf.Tensor:
+            state["skipped_steps"].assign_add(1)
+            return tf.constant(False)
+
+        applied = tf.cond(finite, apply, skip)
+        state["examples_seen"].assign_add(tf.cast(count, tf.int64))
+        applied_row = tf.fill(tf.shape(parts.elbo), tf.cast(applied, parts.elbo.dtype))
+        return tf.stack([parts.elbo, parts.reconstruction_log_likelihood, parts.kl, applied_row])
+
+
+@functools.cache
+def _shared_program(config: VAEConfig) -> StepProgram:
+    return StepProgram(config)
+
+
+def step_program(config: VAEConfig) -> StepProgram:
+    """The one `StepProgram` of this process for `config`'s model and learning algorithm.
+
+    The seed only draws the initial parameters and random state, which the step takes as
+    arguments: configurations that differ in it share a program.
+    """
+    return _shared_program(dataclasses.replace(config, seed=0))
+
+
 class Trainer(tf.Module):
     """The model, its optimiser and the counters and random state of a training run.
 
@@ -50,7 +165,7 @@ class Trainer(tf.Module):
         self.model = VAE(config)
         self.optimizer = make_optimizer(
             config.optimizer,
-            self.model.trainable_variables,
+            self.model.parameters(),
             config.learning_rate,
             config.accumulator_half_life_examples,
             config.update_clip_threshold,
@@ -59,17 +174,9 @@ class Trainer(tf.Module):
             self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self._examples_seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples")
             self._skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
-            self.rng = tf.random.Generator.from_seed(config.seed)
+            self.rng = tf.random.Generator.from_seed(config.seed, alg=RNG_ALGORITHM)
         self._full_count: tf.Tensor | None = None
-        self._step_function = tf.function(
-            self._train_step,
-            input_signature=[
-                tf.TensorSpec([None, config.input_dim], tf.float32),
-                tf.TensorSpec([], tf.int32),
-            ],
-            jit_compile=True,
-        )
-        self._traced_step: tf.types.experimental.ConcreteFunction | None = None
+        self._program = step_program(config)
 
     @property
     def step(self) -> int:
@@ -85,6 +192,17 @@ class Trainer(tf.Module):
     def skipped_steps(self) -> int:
         """Minibatches not applied because their loss or gradients were not finite."""
         return int(self._skipped_steps.numpy())
+
+    def state(self) -> dict[str, Any]:
+        """Every variable of the run, as the compiled step takes them."""
+        return {
+            "parameters": self.model.parameters(),
+            "optimizer": self.optimizer.state(),
+            "step": self._step,
+            "examples_seen": self._examples_seen,
+            "skipped_steps": self._skipped_steps,
+            "rng_state": self.rng.state,
+        }
 
     def reset_optimizer(self) -> None:
         """Forgets the optimiser's gradient history (the `reset` drift adaptation)."""
@@ -112,13 +230,8 @@ class Trainer(tf.Module):
             padded = np.zeros((self.config.batch_size, self.config.input_dim), np.float32)
             padded[:count] = batch
             batch = padded
-        if self._traced_step is None:
-            # Calling the traced function itself skips tf.function's matching of the arguments
-            # (and of the two dozen captured variables) on every call: measured ~0.4 ms, a
-            # tenth of a step of the paper's model.
-            self._traced_step = self._step_function.get_concrete_function()
         # One [4, B] result, one copy to NumPy: every fetch costs as much as ~1% of a step.
-        parts = self._traced_step(tf.constant(batch), self._count(count)).numpy()
+        parts = self._program(self.state(), tf.constant(batch), self._count(count)).numpy()
         return StepResult(parts[0, :count], parts[1, :count], parts[2, :count], bool(parts[3, 0]))
 
     def _count(self, count: int) -> tf.Tensor:
@@ -127,33 +240,3 @@ class Trainer(tf.Module):
         if self._full_count is None:
             self._full_count = tf.constant(count, tf.int32)
         return self._full_count
-
-    def _train_step(self, x: tf.Tensor, count: tf.Tensor):
-        seed = self.rng.uniform_full_int([2], tf.int32)
-        variables = self.model.trainable_variables
-        real = tf.range(tf.shape(x)[0]) < count
-        with tf.GradientTape() as tape:
-            parts = self.model.bound(x, seed)
-            # tf.where, not a product with the mask: a padded row must not turn inf into nan.
-            loss = -tf.reduce_sum(tf.where(real, parts.elbo, 0.0)) / tf.cast(count, tf.float32)
-            if self.config.weight_decay:
-                loss -= self.config.weight_decay * self.model.prior_log_density()
-        gradients = tape.gradient(loss, variables)
-        # NaN and inf propagate through sums, so one float reduction per gradient finds any
-        # non-finite element (an elementwise is_finite pass cost ~5% of the step). Only sums
-        # beyond float32's range (~3e38) would be flagged wrongly: no step worth taking.
-        finite = tf.math.is_finite(loss + tf.add_n([tf.reduce_sum(g) for g in gradients]))
-
-        def apply() -> tf.Tensor:
-            self.optimizer.apply_gradients(gradients, batch_size=count)
-            self._step.assign_add(1)
-            return tf.constant(True)
-
-        def skip() -> tf.Tensor:
-            self._skipped_steps.assign_add(1)
-            return tf.constant(False)
-
-        applied = tf.cond(finite, apply, skip)
-        self._examples_seen.assign_add(tf.cast(count, tf.int64))
-        applied_row = tf.fill(tf.shape(parts.elbo), tf.cast(applied, parts.elbo.dtype))
-        return tf.stack([parts.elbo, parts.reconstruction_log_likelihood, parts.kl, applied_row])

@@ -68,7 +68,6 @@ class SnapshotWriter:
         # atomic) under a name TF Serving would never take for a model.
         self._staging = snapshots / STAGING_DIR
         self._high_water_mark = self._staging / f"{model_name}{HIGH_WATER_MARK_SUFFIX}"
-        self._exporter: vae.Exporter | None = None
 
     def latest_version(self) -> int | None:
         versions = version_directories(self.model_dir)
@@ -86,9 +85,7 @@ class SnapshotWriter:
             tempfile.mkdtemp(prefix=f"{self.model_name}-{version}-", dir=self._staging)
         )
         try:
-            if self._exporter is None or self._exporter.model is not model:
-                self._exporter = vae.Exporter(model)
-            self._exporter.save(staging)
+            vae.save(model, staging)
             write_metadata(staging, self.model_name, version, model.config, metadata)
             write_warmup_requests(
                 staging, model.config.input_dim, model.config.latent_dim, self.model_name
