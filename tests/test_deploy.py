@@ -28,6 +28,8 @@ PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "aevb.json"
 METRIC_NAME = re.compile(r"\baevb_[a-z_]+")
+# Recording rules' series: level:metric:operations.
+RECORDED_NAME = re.compile(r"\baevb:[a-z_]+:[a-z_]+")
 
 
 def promtool() -> str:
@@ -68,21 +70,39 @@ def _rules() -> list[dict]:
 
 
 def test_the_required_alerts_exist_and_every_alert_is_unit_tested() -> None:
-    alerts = {rule["alert"] for rule in _rules()}
+    alerts = {rule["alert"] for rule in _rules() if "alert" in rule}
     assert {
         "AEVBBoundDrift",
         "AEVBStaleSnapshot",
         "AEVBHighRejectedRecords",
         "AEVBTrainerStalled",
+        "AEVBFleetDrift",
+        "AEVBFleetEvictionThrash",
     } <= alerts
     tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())
     tested = {
         case["alertname"]
         for test in tests["tests"]
-        for case in test["alert_rule_test"]
+        for case in test.get("alert_rule_test", [])
         if case.get("exp_alerts")  # tested firing, not only silent
     }
     assert tested == alerts
+    # Every recorded series is checked by a PromQL test too.
+    recorded = {rule["record"] for rule in _rules() if "record" in rule}
+    queried = {
+        case["expr"].split("{")[0]
+        for test in tests["tests"]
+        for case in test.get("promql_expr_test", [])
+    }
+    assert recorded and recorded <= queried
+
+
+def test_the_dashboard_has_a_fleet_view_of_recorded_and_exposed_series() -> None:
+    titles = [panel["title"] for panel in _dashboard()["panels"]]
+    assert sum(title.startswith("Fleet:") for title in titles) >= 4
+    recorded = {rule["record"] for rule in _rules() if "record" in rule}
+    used = {name for expr in _dashboard_exprs() for name in RECORDED_NAME.findall(expr)}
+    assert used and used <= recorded, used - recorded
 
 
 def _dashboard() -> dict:
@@ -163,7 +183,8 @@ def exposed_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     names = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels.get("model") == "exposed":
+            # This job's model, or the job-level aggregates (no model label).
+            if sample.labels.get("model", "exposed") == "exposed":
                 names.add(sample.name)
     return names
 
@@ -187,6 +208,14 @@ def test_exporter_exposes_the_core_metrics(exposed_names: set[str]) -> None:
         "aevb_last_snapshot_timestamp_seconds",
         "aevb_drift_detections_total",
         "aevb_drift_statistic",
+        "aevb_fleet_keys_in_memory",
+        "aevb_fleet_keys_trained",
+        "aevb_fleet_sessions_opened_total",
+        "aevb_fleet_evictions_total",
+        "aevb_fleet_examples_total",
+        "aevb_fleet_drift_detections_total",
+        "aevb_fleet_keys_drifting",
+        "aevb_fleet_keys_by_negative_elbo_nats",
     }
     assert required <= exposed_names
 

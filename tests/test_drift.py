@@ -234,7 +234,7 @@ class Recorder(SessionObserver):
     def __init__(self) -> None:
         self.events: list[tuple] = []
 
-    def on_open(self, key, last_snapshot_unix, drift_thresholds=None):
+    def on_open(self, key, last_snapshot_unix, drift_thresholds=None, resumed=False):
         self.events.append(("open", key, drift_thresholds))
 
     def on_record(self, record):

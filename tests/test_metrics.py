@@ -103,11 +103,82 @@ def test_observer_exposes_every_metric_with_a_model_label() -> None:
     assert _value(text, "aevb_drift_detections_total", model="obs-a", detector="adwin") == 1
     assert _value(text, "aevb_snapshots_total", model="obs-a") == 1
     assert _value(text, "aevb_last_snapshot_timestamp_seconds", model="obs-a") == 2000.0
-    # No per-example labels: every aevb series has a model label, and only these labels.
+    # No per-example labels: every aevb series has a model label, and only these labels,
+    # but the job-level aggregates, which have none.
     allowed = {"model", "reason", "detector", "le"}
     for name, labels in _samples(text):
-        if name.startswith("aevb_"):
+        if name.startswith("aevb_") and not name.startswith("aevb_fleet_"):
             assert "model" in dict(labels) and set(dict(labels)) <= allowed, (name, labels)
+        if name.startswith("aevb_fleet_"):
+            assert set(dict(labels)) <= {"le", "restored"}, (name, labels)
+
+
+def _fleet_values(text: str) -> dict[str, float]:
+    return {
+        name: _value(text, name)
+        for name in (
+            "aevb_fleet_keys_in_memory",
+            "aevb_fleet_keys_trained",
+            "aevb_fleet_evictions_total",
+            "aevb_fleet_examples_total",
+            "aevb_fleet_drift_detections_total",
+            "aevb_fleet_keys_drifting",
+        )
+    }
+
+
+def test_fleet_aggregates_count_keys_and_place_their_bounds(tmp_path: pathlib.Path) -> None:
+    """The job-level series in a registry of their own: keys in memory, evictions,
+    restores, keys trained, drifting keys and the gauge histogram of bounds over keys."""
+    registry = CollectorRegistry()
+    now = [1000.0]
+    fleet = metrics.Fleet(metrics.Families(registry=registry), clock=lambda: now[0])
+    fleet.opened(resumed=False)
+    fleet.opened(resumed=False)
+    fleet.record("a", 100, elbo=-90.0)  # le 100 and above
+    fleet.record("b", 100, elbo=-140.0)  # le 150 and above
+    fleet.record("a", 100, elbo=-130.0)  # a moves up: le 150 and above
+    fleet.record("b", 100, elbo=float("nan"))  # a skipped minibatch: b stays where it was
+    fleet.closed("evicted")
+    fleet.opened(resumed=True)
+    fleet.drift("a")
+    fleet.drift("a")  # the same key, still one drifting key
+    text = generate_latest(registry).decode()
+    assert _fleet_values(text) == {
+        "aevb_fleet_keys_in_memory": 2,
+        "aevb_fleet_keys_trained": 2,
+        "aevb_fleet_evictions_total": 1,
+        "aevb_fleet_examples_total": 400,
+        "aevb_fleet_drift_detections_total": 2,
+        "aevb_fleet_keys_drifting": 1,
+    }
+    assert _value(text, "aevb_fleet_sessions_opened_total", restored="false") == 2
+    assert _value(text, "aevb_fleet_sessions_opened_total", restored="true") == 1
+    buckets = {
+        le: _value(text, "aevb_fleet_keys_by_negative_elbo_nats", le=le)
+        for le in ("75.0", "100.0", "125.0", "150.0", "+Inf")
+    }
+    assert buckets == {"75.0": 0, "100.0": 0, "125.0": 0, "150.0": 2, "+Inf": 2}
+    # After the window, the drifting key no longer counts (on the next minibatch).
+    now[0] += metrics.DRIFTING_SECONDS + 1
+    fleet.record("b", 100, elbo=-95.0)
+    text = generate_latest(registry).decode()
+    assert _value(text, "aevb_fleet_keys_drifting") == 0
+    assert _value(text, "aevb_fleet_keys_by_negative_elbo_nats", le="100.0") == 1
+    assert _value(text, "aevb_fleet_keys_by_negative_elbo_nats", le="150.0") == 2
+
+
+def test_per_key_metrics_none_keeps_only_the_aggregates() -> None:
+    observer = metrics.PrometheusObserver(per_key="none")
+    observer.on_open("quiet-key", last_snapshot_unix=1.0, drift_thresholds={"adwin": 5.0})
+    observer.on_record(_record("quiet-key", 4, elbo=-120.0))
+    observer.on_drift(DriftDetection("adwin", 1, 30.0, 5.0, 150.0, 120.0, key="quiet-key"))
+    observer.on_snapshot("quiet-key", "/runs/x/snapshots/quiet-key/1", "drift", 2.0)
+    text = metrics.generate_latest().decode()
+    assert 'model="quiet-key"' not in text
+    assert _value(text, "aevb_fleet_examples_total") >= 4
+    with pytest.raises(ValueError, match="per_key must be one of"):
+        metrics.PrometheusObserver(per_key="some")
 
 
 def _without_created(text: str) -> str:
@@ -163,7 +234,10 @@ def _exercise(metric, family: prometheus_families.MetricFamily) -> None:
     which observes one value at a time. Runs in subprocesses too (`_TWINS`)."""
     values = [-3000.0, -2000.0, -1.0, 0.0, 0.001, 0.0075, 12.5, 100.0, 130.0, 5000.0, 1e9]
     for i in range(2):
-        series = metric.labels(**{name: f"{name}-{i}" for name in family.labelnames})
+        if family.labelnames or metric is family:
+            series = metric.labels(**{name: f"{name}-{i}" for name in family.labelnames})
+        else:  # prometheus-client's metric without labels is its own series
+            series = metric
         if family.type == "counter":
             series.inc(3 * i)
             series.inc(0.5)
@@ -182,7 +256,7 @@ def test_families_expose_as_prometheus_client_metrics() -> None:
     """Single-process mode: our families' exposition is prometheus-client's own."""
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     families = metrics.Families(registry=ours).all()
-    assert len(families) == 14
+    assert len(families) == 22
     for family in families:
         _exercise(family, family)
         _exercise(_prometheus_client_twin(family, theirs), family)
@@ -383,8 +457,11 @@ def test_push_groups_by_job_and_model(pushgateway: FakePushgateway) -> None:
     body_b = by_path["/metrics/job/aevb-batch/model/push-b"]
     assert _value(body_a, "aevb_examples_total", model="push-a") == 4
     assert _value(body_b, "aevb_examples_total", model="push-b") == 0
-    # Each group holds its own model's series only.
+    # Each group holds its own model's series only; the job's aggregates have their own.
     assert all(dict(labels).get("model") == "push-a" for _, labels in _samples(body_a))
+    fleet = by_path["/metrics/job/aevb-batch"]
+    assert _value(fleet, "aevb_fleet_examples_total") >= 4
+    assert all("model" not in dict(labels) for _, labels in _samples(fleet))
 
 
 def test_pusher_pushes_on_an_interval_and_at_the_end(pushgateway: FakePushgateway) -> None:

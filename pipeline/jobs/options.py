@@ -33,6 +33,7 @@ from pipeline.ingest.decode import DEFAULT_MAX_FILE_BYTES
 from pipeline.ingest.read import DatasetReplay, ReadExamples
 from pipeline.ingest.scenarios import SCENARIOS, ScenarioSpec
 from pipeline.ingest.sources import DEFAULT_SETTLE_SECONDS
+from pipeline.outputs.metrics import PER_KEY_METRICS
 from pipeline.train import drift
 from pipeline.train.adaptation import (
     ADAPTATIONS,
@@ -290,6 +291,13 @@ def add_monitoring_flags(parser: argparse.ArgumentParser) -> None:
         type=port_number,
         help="serve Prometheus /metrics on this port while the job runs (streaming jobs; "
         "0 picks a free port, logged)",
+    )
+    parser.add_argument(
+        "--per-key-metrics",
+        choices=PER_KEY_METRICS,
+        default="all",
+        help="all: every per-key series (~70 a key); none: only the job-level aggregates "
+        "(aevb_fleet_*), for jobs of thousands of keys (default all)",
     )
     parser.add_argument(
         "--metrics-address",

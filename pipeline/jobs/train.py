@@ -17,6 +17,7 @@ can be extended or tested; `run_training` is what `aevb train` calls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 import uuid
@@ -95,7 +96,11 @@ def build_training_pipeline(
         job_id=job_id,
         evaluation=evaluation,
         streaming=streaming,
-        observer_factories=[PrometheusObserver] if prometheus else [],
+        observer_factories=(
+            [functools.partial(PrometheusObserver, per_key=options.per_key_metrics)]
+            if prometheus
+            else []
+        ),
         drift=drift_settings(options),
         reset_optimizer_on_drift=options.adaptation == "reset",
         max_models_in_memory=options.max_models_in_memory,

@@ -23,6 +23,30 @@ aevb_drift_statistic{model,detector}                   gauge      detector's cur
 aevb_drift_threshold{model,detector}                   gauge      what it is compared with
 =====================================================  =========  ==============================
 
+Job-level aggregates, which stay a few dozen series however many keys the job trains (with
+``--per-key-metrics none`` the only ones, besides the dead letters'):
+
+=====================================================  =========  ==============================
+aevb_fleet_keys_in_memory                              gauge      models held by the workers
+aevb_fleet_keys_trained                                gauge      keys that trained in this job
+aevb_fleet_sessions_opened_total{restored}             counter    models opened: new keys
+                                                                  (false) or from a checkpoint
+aevb_fleet_evictions_total                             counter    models closed to stay within
+                                                                  --max-models-in-memory
+aevb_fleet_examples_total                              counter    examples, all keys
+aevb_fleet_drift_detections_total                      counter    drift detections, all keys
+aevb_fleet_keys_drifting                               gauge      keys with a detection in the
+                                                                  last 10 minutes
+aevb_fleet_keys_by_negative_elbo_nats{le}              gauge      keys whose latest minibatch's
+                                                                  negative bound is <= le
+=====================================================  =========  ==============================
+
+The last is a gauge histogram over keys: ``histogram_quantile(0.9,
+aevb_fleet_keys_by_negative_elbo_nats)`` is the negative bound 90% of the keys are at or
+below (deploy/prometheus/rules.yml records the 0.1, 0.5 and 0.9 quantiles). With several
+worker processes the fleet gauges are sums over the live ones; a key trained in two
+processes (its bundles moved) counts in both.
+
 The counters are also Beam metrics in namespace ``aevb`` (`pipeline.train.counters`), named
 without the prefix, a label value appended: ``examples_total``,
 ``skipped_steps_total_non_finite``, ``records_rejected_total_wrong_width`` ... so a Flink or
@@ -48,14 +72,18 @@ True
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import prometheus_client
 from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client.utils import floatToGoString
 
 from pipeline.outputs.prometheus_families import (
     MULTIPROC_ENV,
@@ -63,6 +91,7 @@ from pipeline.outputs.prometheus_families import (
     GaugeFamily,
     HistogramFamily,
     MetricFamily,
+    SummedGaugeFamily,
     ValueFactory,
     multiprocess_dir,
     value_class,
@@ -87,6 +116,9 @@ NEGATIVE_ELBO_BUCKETS = (
 STEP_SECONDS_BUCKETS = (
     0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 )  # fmt: skip
+# A key counts as drifting this long after its latest detection: the alert rules' window.
+DRIFTING_SECONDS = 600.0
+PER_KEY_METRICS = ("all", "none")
 
 # The registry of this process's metrics in single-process mode (tests, in-process jobs).
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -169,6 +201,44 @@ class Families:
             ("model", "detector"),
         )
 
+        def summed_gauge(name: str, documentation: str, labels=()) -> SummedGaugeFamily:
+            return SummedGaugeFamily(name, documentation, labels, registry, values)
+
+        self.fleet_keys_in_memory = summed_gauge(
+            "aevb_fleet_keys_in_memory", "Models held in memory by the job's worker processes."
+        )
+        self.fleet_keys_trained = summed_gauge(
+            "aevb_fleet_keys_trained", "Keys that trained at least one minibatch in this job."
+        )
+        self.fleet_sessions_opened = counter(
+            "aevb_fleet_sessions_opened_total",
+            "Models opened: a new key (restored=false) or one restored from its checkpoint "
+            "(after an eviction or a restart, restored=true).",
+            ("restored",),
+        )
+        self.fleet_evictions = counter(
+            "aevb_fleet_evictions_total",
+            "Models checkpointed and dropped to stay within --max-models-in-memory.",
+            (),
+        )
+        self.fleet_examples = counter(
+            "aevb_fleet_examples_total", "Examples scored and trained on, all keys.", ()
+        )
+        self.fleet_drift_detections = counter(
+            "aevb_fleet_drift_detections_total", "Drift detections, all keys and detectors.", ()
+        )
+        self.fleet_keys_drifting = summed_gauge(
+            "aevb_fleet_keys_drifting",
+            f"Keys with a drift detection in the last {DRIFTING_SECONDS:g} seconds "
+            "(updated as minibatches arrive).",
+        )
+        self.fleet_keys_by_negative_elbo = summed_gauge(
+            "aevb_fleet_keys_by_negative_elbo_nats",
+            "Keys whose latest minibatch's negative bound per example is at most le nats "
+            "(a gauge histogram over keys: histogram_quantile gives the bound's quantiles).",
+            ("le",),
+        )
+
     def all(self) -> list[MetricFamily]:
         """Every family, in registration (exposition) order."""
         return [f for f in vars(self).values() if isinstance(f, MetricFamily)]
@@ -216,18 +286,121 @@ def generate_latest(registry: CollectorRegistry | None = None) -> bytes:
     return prometheus_client.generate_latest(registry or exposition_registry())
 
 
-class PrometheusObserver(SessionObserver):
-    """Updates the Prometheus metrics from a session's events (any number of keys)."""
+class Fleet:
+    """The job-level aggregates of one process: what every key's observer adds to.
 
-    def __init__(self) -> None:
+    Per key it keeps an int (its bucket of the negative bound) and, for a while after a
+    detection, a time: ~100 bytes per key, whatever `--per-key-metrics` says.
+    """
+
+    def __init__(self, metrics: Families, clock: Callable[[], float] = time.time) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._bounds = (*NEGATIVE_ELBO_BUCKETS, math.inf)
+        self._bucket_series = [
+            metrics.fleet_keys_by_negative_elbo.labels(le=floatToGoString(bound))
+            for bound in self._bounds
+        ]
+        self._bucket_of: dict[str, int] = {}  # key -> index of its latest bound's bucket
+        self._drifting_since: dict[str, float] = {}
+        for series in (metrics.fleet_keys_in_memory, metrics.fleet_keys_trained):
+            series.labels()
+        for restored in ("false", "true"):
+            metrics.fleet_sessions_opened.labels(restored=restored)
+        for counter in (
+            metrics.fleet_evictions,
+            metrics.fleet_examples,
+            metrics.fleet_drift_detections,
+        ):
+            counter.labels()
+        metrics.fleet_keys_drifting.labels()
+
+    def opened(self, resumed: bool) -> None:
+        self._metrics.fleet_keys_in_memory.labels().inc()
+        self._metrics.fleet_sessions_opened.labels(restored=str(resumed).lower()).inc()
+
+    def closed(self, reason: str) -> None:
+        self._metrics.fleet_keys_in_memory.labels().inc(-1)
+        if reason == "evicted":
+            self._metrics.fleet_evictions.labels().inc()
+
+    def record(self, key: str, examples: int, elbo: float) -> None:
+        self._metrics.fleet_examples.labels().inc(examples)
+        with self._lock:
+            if np.isfinite(elbo):
+                self._move(key, bisect.bisect_left(self._bounds, -elbo))
+            self._expire_drifting()
+
+    def drift(self, key: str) -> None:
+        self._metrics.fleet_drift_detections.labels().inc()
+        with self._lock:
+            if key not in self._drifting_since:
+                self._metrics.fleet_keys_drifting.labels().inc()
+            self._drifting_since[key] = self._clock()
+
+    def _move(self, key: str, bucket: int) -> None:
+        """Cumulative buckets: a key counts in its bucket and every one above it."""
+        old = self._bucket_of.get(key)
+        if old == bucket:
+            return
+        self._bucket_of[key] = bucket
+        if old is None:
+            self._metrics.fleet_keys_trained.labels().inc()
+            old = len(self._bounds)
+        step = 1 if bucket < old else -1
+        for index in range(min(bucket, old), max(bucket, old)):
+            self._bucket_series[index].inc(step)
+
+    def _expire_drifting(self) -> None:
+        if not self._drifting_since:
+            return
+        horizon = self._clock() - DRIFTING_SECONDS
+        expired = [key for key, since in self._drifting_since.items() if since < horizon]
+        for key in expired:
+            del self._drifting_since[key]
+        if expired:
+            self._metrics.fleet_keys_drifting.labels().inc(-len(expired))
+
+
+_fleet: Fleet | None = None
+
+
+def fleet() -> Fleet:
+    """This process's `Fleet`, made on first use (after the multiprocess choice)."""
+    global _fleet
+    metrics = families()
+    with _families_lock:
+        if _fleet is None:
+            _fleet = Fleet(metrics)
+        return _fleet
+
+
+class PrometheusObserver(SessionObserver):
+    """Updates the Prometheus metrics from a session's events (any number of keys).
+
+    `per_key`: "all" keeps every per-key series; "none" only the job-level aggregates
+    (`Fleet`), for jobs of thousands of keys where ~70 series per key would swamp a
+    Prometheus server (10,000 keys: 700,000 series).
+    """
+
+    def __init__(self, per_key: str = "all") -> None:
+        if per_key not in PER_KEY_METRICS:
+            raise ValueError(f"per_key must be one of {PER_KEY_METRICS}, got {per_key!r}")
         self._metrics = families()
+        self._fleet = fleet()
+        self._per_key = per_key == "all"
 
     def on_open(
         self,
         key: str,
         last_snapshot_unix: float,
         drift_thresholds: Mapping[str, float] | None = None,
+        resumed: bool = False,
     ) -> None:
+        self._fleet.opened(resumed)
+        if not self._per_key:
+            return
         m = self._metrics
         # Every series exists from the start at 0, so that rate() and increase() see the
         # first increment (a series born at 1 has no increase).
@@ -243,7 +416,13 @@ class PrometheusObserver(SessionObserver):
             m.drift_statistic.labels(model=key, detector=detector).set(0.0)
             m.drift_threshold.labels(model=key, detector=detector).set(threshold)
 
+    def on_close(self, key: str, reason: str) -> None:
+        self._fleet.closed(reason)
+
     def on_record(self, record: TrainingRecord) -> None:
+        self._fleet.record(record.key, record.batch_size, record.elbo)
+        if not self._per_key:
+            return
         m = self._metrics
         key = record.key
         m.examples.labels(model=key).inc(record.batch_size)
@@ -260,14 +439,19 @@ class PrometheusObserver(SessionObserver):
             m.negative_elbo.labels(model=key).observe_many(-np.asarray(record.elbo_per_example))
 
     def on_drift_statistic(self, key: str, detector: str, statistic: float) -> None:
-        self._metrics.drift_statistic.labels(model=key, detector=detector).set(statistic)
+        if self._per_key:
+            self._metrics.drift_statistic.labels(model=key, detector=detector).set(statistic)
 
     def on_drift(self, detection: DriftDetection) -> None:
-        self._metrics.drift_detections.labels(
-            model=detection.key, detector=detection.detector
-        ).inc()
+        self._fleet.drift(detection.key)
+        if self._per_key:
+            self._metrics.drift_detections.labels(
+                model=detection.key, detector=detection.detector
+            ).inc()
 
     def on_snapshot(self, key: str, path: str, reason: str, created_unix: float) -> None:
+        if not self._per_key:
+            return
         self._metrics.snapshots.labels(model=key).inc()
         self._metrics.last_snapshot.labels(model=key).set(created_unix)
 

@@ -46,9 +46,10 @@ def serve_metrics(address: str = "127.0.0.1", port: int = 0):
 
 
 class _OneModel:
-    """A collector over another registry's samples of one ``model`` label value."""
+    """A collector over another registry's samples of one ``model`` label value (None: the
+    job-level samples, which have no ``model`` label)."""
 
-    def __init__(self, source: CollectorRegistry, model: str) -> None:
+    def __init__(self, source: CollectorRegistry, model: str | None) -> None:
         self._source = source
         self._model = model
 
@@ -69,12 +70,17 @@ def models_in(registry: CollectorRegistry) -> list[str]:
 
 
 def push_once(gateway: str, job: str, timeout: float = 10.0) -> list[str]:
-    """Pushes every model's metrics to a Pushgateway, grouping key {job, model}.
+    """Pushes every model's metrics to a Pushgateway, grouping key {job, model}, and the
+    job-level aggregates (``aevb_fleet_*``) under {job} alone.
 
     One PUT per model key (``/metrics/job/<job>/model/<key>``), each replacing that
     group, so models never overwrite one another. Returns the keys pushed.
     """
     source = exposition_registry()
+    fleet = CollectorRegistry()
+    fleet.register(_OneModel(source, None))
+    if any(family.samples for family in fleet.collect()):
+        prometheus_client.push_to_gateway(gateway, job=job, registry=fleet, timeout=timeout)
     models = models_in(source)
     for model in models:
         registry = CollectorRegistry()

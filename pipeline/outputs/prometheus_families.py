@@ -39,6 +39,7 @@ __all__ = [
     "HistogramFamily",
     "HistogramSeries",
     "MetricFamily",
+    "SummedGaugeFamily",
     "multiprocess_dir",
     "value_class",
 ]
@@ -110,13 +111,17 @@ class CounterSeries:
 
 
 class GaugeSeries:
-    """One gauge series; the multiprocess aggregate is the most recently set value."""
+    """One gauge series; the multiprocess aggregate is its family's (`multiprocess_mode`)."""
 
     def __init__(self, value: Value) -> None:
         self._value = value
 
     def set(self, value: float) -> None:
         self._value.set(float(value), timestamp=time.time())
+
+    def inc(self, amount: float = 1) -> None:
+        """Adds `amount` (negative to decrease): for counts that go both ways."""
+        self._value.inc(float(amount))
 
     def samples(self, created: bool) -> list[tuple[str, dict[str, str], float]]:
         return [("", {}, self._value.get())]
@@ -271,6 +276,13 @@ class GaugeFamily(MetricFamily[GaugeSeries]):
 
     def _new_series(self, labelvalues: tuple[str, ...]) -> GaugeSeries:
         return GaugeSeries(self._value("", labelvalues))
+
+
+class SummedGaugeFamily(GaugeFamily):
+    """A gauge whose processes each hold a part: across processes, the sum of the live ones'
+    values (keys in memory, say, when each worker process holds some)."""
+
+    multiprocess_mode = "livesum"
 
 
 class HistogramFamily(MetricFamily[HistogramSeries]):

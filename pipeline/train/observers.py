@@ -32,11 +32,16 @@ class SessionObserver:
         key: str,
         last_snapshot_unix: float,
         drift_thresholds: Mapping[str, float] | None = None,
+        resumed: bool = False,
     ) -> None:
-        """A session for `key` started (or resumed). `last_snapshot_unix` is the creation
-        time of its newest snapshot, or the start time when it has none;
+        """A session for `key` started (`resumed`: from its checkpoint). `last_snapshot_unix`
+        is the creation time of its newest snapshot, or the start time when it has none;
         `drift_thresholds` maps each of its drift detectors to what the detector's
         statistic is compared with (None: no drift detection)."""
+
+    def on_close(self, key: str, reason: str) -> None:
+        """The session was closed (checkpointed, snapshotted, dropped); `reason` is its
+        final snapshot's, "evicted" for a model dropped to bound memory."""
 
     def on_record(self, record: TrainingRecord) -> None:
         """One minibatch was scored and (if `record.applied`) trained on."""

@@ -126,6 +126,7 @@ class TrainingSession:
             self.key,
             self._last_snapshot_time,
             self.drift.thresholds if self.drift else None,
+            self.resumed,
         )
 
     @property
@@ -282,6 +283,17 @@ class TrainingSession:
             self._unsaved = False
         self._last_checkpoint_step = self.trainer.step
 
+    def reopen(self) -> None:
+        """Tells the observers the closed session is in use again (an evicted model that was
+        still held elsewhere, revived rather than restored a second time)."""
+        self._notify(
+            "on_open",
+            self.key,
+            self._last_snapshot_time,
+            self.drift.thresholds if self.drift else None,
+            True,
+        )
+
     def close(self, reason: str = "end of run") -> pathlib.Path | None:
         """Final log line, checkpoint and snapshot (unless the newest snapshot is of this very
         model); returns the newest snapshot directory. `reason` names the snapshot."""
@@ -293,8 +305,11 @@ class TrainingSession:
         self.checkpoint()
         newest = self.snapshots.latest_version()
         if newest is None or self.trainer.examples_seen != self._last_snapshot_examples:
-            return self._snapshot(reason)
-        return self.snapshots.model_dir / str(newest)
+            path = self._snapshot(reason)
+        else:
+            path = self.snapshots.model_dir / str(newest)
+        self._notify("on_close", self.key, reason)
+        return path
 
     def _after_step(self, record: TrainingRecord) -> None:
         if record.step - self._last_checkpoint_step >= self.cadence.checkpoint_every_steps:

@@ -436,9 +436,13 @@ def _open_session(
     which the caller closes."""
     name = (spec.run_dir, key)
     with _live_lock:
-        session = _live_sessions.get(name) or _evicted_sessions.pop(name, None)
+        session = _live_sessions.get(name)
+        revived = None if session is not None else _evicted_sessions.pop(name, None)
+        session = session or revived
         on_disk = checkpoint_number(spec.run_dir, key)
         saved = None if session is None else session.checkpoints.saved_number
+        if session is not None and session is revived:
+            session.reopen()
         if session is None or (on_disk is not None and (saved is None or on_disk > saved)):
             # New here, or another worker process checkpointed the key since: restore.
             session = TrainingSession(
