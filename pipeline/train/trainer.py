@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import pathlib
 import threading
 import time
 import weakref
@@ -47,12 +48,13 @@ import vae
 from pipeline.ingest import lifecycle
 from pipeline.ingest.decode import KeyedChunk
 from pipeline.ingest.keys import validate_model_key
-from pipeline.train.checkpoints import checkpoint_number
+from pipeline.train.checkpoints import checkpoint_number, checkpointed_examples
 from pipeline.train.counters import BeamCounters
 from pipeline.train.drift import DriftSettings
 from pipeline.train.observers import SessionObserver
 from pipeline.train.records import TrainingRecord
 from pipeline.train.session import Cadence, TrainingSession
+from vae.snapshot_format import read_metadata, version_directories
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +264,11 @@ class TrainerDoFn(beam.DoFn):
         for start in range(0, full, batch_size):
             yield from self._train(session, _slice(parts, start, start + batch_size), timestamp)
         remainder = _slice(parts, full, total)
-        pending.clear()
+        if buffered:
+            # Only when there is something to clear: Beam's state cache weighs every value
+            # it stores, with a walk over all loaded modules (~3 ms with TensorFlow's),
+            # which chunks of whole minibatches never need.
+            pending.clear()
         for waiting in remainder:
             pending.add(waiting)
         if remainder and not buffered:
@@ -287,6 +293,11 @@ class TrainerDoFn(beam.DoFn):
             # time after each one, so in streaming this timer does not mean the input ended:
             # keep the model (`finish_bundle` made the round durable). The job closes its
             # sessions when it really ends (`close_live_sessions`).
+            return
+        if not _is_live(self.spec.run_dir, key) and _closed_on_disk(self.spec.run_dir, key):
+            # Evicted and not trained since: its checkpoint and snapshot are final already,
+            # and restoring the model only to find so would cost as much as a minibatch.
+            self._sessions.pop(key, None)
             return
         # Restored from the checkpoint when another worker process trained the key.
         session = self._session(key)
@@ -313,9 +324,9 @@ class TrainerDoFn(beam.DoFn):
 
     def _train_pending(self, key: str, pending) -> Iterator[TrainingRecord]:
         buffered = list(pending.read())
-        pending.clear()
         if not buffered:
             return
+        pending.clear()
         session = self._session(key)
         parts = self._within_limit(session, buffered)
         yield from self._train(session, parts, Timestamp.of(self.clock()))
@@ -465,6 +476,21 @@ def _open_session(
                 evicted.append(_live_sessions.pop(other))
                 _evicted_sessions[other] = evicted[-1]
         return session, evicted
+
+
+def _is_live(run_dir: str, key: str) -> bool:
+    with _live_lock:
+        return (run_dir, key) in _live_sessions
+
+
+def _closed_on_disk(run_dir: str, key: str) -> bool:
+    """Whether `key`'s newest snapshot is of the model of its newest checkpoint: closing
+    the model restored from it would write nothing."""
+    versions = version_directories(pathlib.Path(run_dir) / "snapshots" / key)
+    if not versions or checkpoint_number(run_dir, key) is None:
+        return False
+    snapshot_examples = read_metadata(versions[-1]).get("examples_seen")
+    return snapshot_examples == checkpointed_examples(run_dir, key)
 
 
 def _close(session: TrainingSession) -> None:
