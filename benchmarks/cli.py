@@ -80,6 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--runner", default=DEFAULT_RUNNER)
     memory.add_argument("--json", action="store_true")
 
+    keys = benches.add_parser(
+        "keys", help="a fleet: 1 to 10,000 keyed models in one job, same examples in all"
+    )
+    add_data_flags(keys.add_argument_group("data"))
+    add_model_flags(keys.add_argument_group("model and learning algorithm"))
+    keys.add_argument(
+        "--examples", type=positive_int, default=1_000_000, help="examples of each case (10^6)"
+    )
+    keys.add_argument(
+        "--keys",
+        help="comma-separated cases, K or KxN (K keys of N examples each); default "
+        "1,10,100,1000,10000 with --examples in all, and 1000x1000 beside 1x1000000",
+    )
+    keys.add_argument(
+        "--max-models-in-memory",
+        type=positive_int,
+        default=2000,
+        help="the bound for cases with more keys than this (default 2000)",
+    )
+    keys.add_argument("--probe-keys", type=positive_int, default=50)
+    keys.add_argument("--json", action="store_true")
+
     drift = benches.add_parser(
         "drift", help="detection, recovery and forgetting: every scenario x adaptation policy"
     )
@@ -137,6 +159,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runner=args.runner,
             files_format=args.files_format,
             extra_flags=_data_flags(args),
+        )
+    if args.bench == "keys":
+        from benchmarks.keys import default_cases, fleet_benchmark, parse_cases
+
+        dataset, config = _dataset_and_config(args)
+        try:
+            cases = (
+                parse_cases(args.keys, args.examples, args.max_models_in_memory)
+                if args.keys
+                else default_cases(args.examples, args.max_models_in_memory)
+            )
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        return fleet_benchmark(
+            dataset.name,
+            config.to_dict(),
+            cases,
+            data_dir=args.data_dir,
+            fallback=args.fallback_dataset,
+            probe_keys=args.probe_keys,
         )
     if args.bench == "memory":
         from benchmarks.memory import memory_growth

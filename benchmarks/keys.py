@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks.machine import machine
 
-__all__ = ["FleetCase", "fleet_benchmark", "run_case"]
+__all__ = ["FleetCase", "default_cases", "fleet_benchmark", "parse_cases", "run_case"]
 
 # The issue's cases: the same total examples over 1 to 10,000 keys.
 DEFAULT_KEY_COUNTS = (1, 10, 100, 1_000, 10_000)
@@ -60,7 +60,32 @@ def default_cases(examples: int, max_models_in_memory: int) -> list[FleetCase]:
         FleetCase(k, examples // k, max_models_in_memory if k > max_models_in_memory else None)
         for k in DEFAULT_KEY_COUNTS
     ]
-    return [*cases, FleetCase(1, 1_000_000), FleetCase(1_000, 1_000)]
+    for extra in (FleetCase(1, 1_000_000), FleetCase(1_000, 1_000)):
+        if extra not in cases:
+            cases.append(extra)
+    return cases
+
+
+def parse_cases(text: str, examples: int, max_models_in_memory: int) -> list[FleetCase]:
+    """Cases from "K" (K keys sharing `examples`) or "KxN" (K keys of N examples each).
+
+    >>> parse_cases("10,1000x1000", 10_000, 500)
+    [FleetCase(keys=10, examples_per_key=1000, max_models_in_memory=None), \
+FleetCase(keys=1000, examples_per_key=1000, max_models_in_memory=500)]
+    """
+    cases = []
+    for part in text.split(","):
+        keys_text, _, per_key_text = part.strip().partition("x")
+        try:
+            keys = int(keys_text)
+            per_key = int(per_key_text) if per_key_text else examples // keys
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"--keys: {part!r} is not K or KxN") from None
+        if keys < 1 or per_key < 1:
+            raise ValueError(f"--keys: {part!r} needs at least one key and one example per key")
+        bound = max_models_in_memory if keys > max_models_in_memory else None
+        cases.append(FleetCase(keys, per_key, bound))
+    return cases
 
 
 def fleet_benchmark(
