@@ -1,7 +1,7 @@
 """Tests for pipeline.train.session (with its checkpoints and progress beneath it).
 
-Every `vae.Trainer` compiles its step with XLA once per minibatch shape (about a second on a
-small machine), so the tests use few sessions and few distinct batch sizes.
+The trainers of one configuration share one XLA-compiled step (about a second to compile on
+a small machine), so the tests use few configurations.
 """
 
 import io
@@ -16,6 +16,7 @@ import vae
 from pipeline.ingest.keys import validate_model_key
 from pipeline.train.checkpoints import CONFIG_FILE, CheckpointStore
 from pipeline.train.drift import DriftSettings
+from pipeline.train.observers import SessionObserver
 from pipeline.train.progress import ProgressLog, read_progress
 from pipeline.train.records import TrainingRecord
 from pipeline.train.session import Cadence, TrainingSession
@@ -105,6 +106,32 @@ def test_checkpoint_cadence_and_resume_after_a_crash(tmp_path: pathlib.Path) -> 
         resumed.trainer.model.trainable_variables, replay.model.trainable_variables, strict=True
     ):
         np.testing.assert_array_equal(mine.numpy(), expected.numpy())
+
+
+class _Lifecycle(SessionObserver):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_open(self, key, last_snapshot_unix, drift_thresholds=None, resumed=False):
+        self.events.append(("open", key, resumed))
+
+    def on_close(self, key, reason):
+        self.events.append(("close", key, reason))
+
+
+def test_observers_hear_opens_restores_and_closes(tmp_path: pathlib.Path, fake_save: None) -> None:
+    observer = _Lifecycle()
+    first = _session(tmp_path, Cadence(), observers=[observer])
+    first.train(_batches(1)[0])
+    first.close(reason="evicted")
+    again = _session(tmp_path, Cadence(), observers=[observer])
+    again.reopen()
+    assert observer.events == [
+        ("open", "default", False),
+        ("close", "default", "evicted"),
+        ("open", "default", True),  # restored from the checkpoint the close wrote
+        ("open", "default", True),
+    ]
 
 
 def test_resume_is_exact(tmp_path: pathlib.Path, fake_save: None) -> None:

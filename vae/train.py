@@ -12,10 +12,13 @@ counted and skipped; the parameters never see it.
 >>> import numpy as np
 >>> trainer = Trainer(VAEConfig(input_dim=4, latent_dim=2, hidden_dim=8, batch_size=2))
 >>> result = trainer.train_step(np.array([[0, 1, 1, 0], [1, 1, 0, 0]], np.float32))
->>> result.elbo.shape, result.applied, trainer.examples_seen
-((2,), True, 2)
->>> trainer.train_step(np.full((2, 4), np.nan, np.float32)).applied, trainer.skipped_steps
-(False, 1)
+>>> result.elbo.shape, result.applied, (result.step, result.examples_seen, result.skipped_steps)
+((2,), True, (1, 2, 0))
+>>> skipped = trainer.train_step(np.full((2, 4), np.nan, np.float32))
+>>> skipped.applied, (skipped.step, skipped.examples_seen, skipped.skipped_steps)
+(False, (1, 4, 1))
+>>> trainer.step, trainer.examples_seen, trainer.skipped_steps
+(1, 4, 1)
 """
 
 from __future__ import annotations
@@ -34,12 +37,16 @@ from vae.optimizers import make_optimizer
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What one step measured on its minibatch before updating (per example, nats)."""
+    """What one step measured on its minibatch before updating (per example, nats), and
+    the trainer's counters after it."""
 
     elbo: np.ndarray
     reconstruction_log_likelihood: np.ndarray
     kl: np.ndarray
     applied: bool
+    step: int
+    examples_seen: int
+    skipped_steps: int
 
 
 # Philox, named: `_draw_seed` implements it for a generator state given as an argument.
@@ -83,9 +90,13 @@ class StepProgram:
         """How many times the step was traced (and compiled): 1 once it has run."""
         return self._function.experimental_get_tracing_count()
 
-    def __call__(self, state: dict[str, Any], x: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    def __call__(
+        self, state: dict[str, Any], x: tf.Tensor, count: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """Runs the step on `state` (a `Trainer.state()`): [4, M] rows of elbo,
-        reconstruction, kl and whether the update was applied."""
+        reconstruction, kl and whether the update was applied; and the counters after it,
+        [step, examples seen, skipped steps] (reading them from their variables afterwards
+        would cost three more calls into TensorFlow, ~5% of a step)."""
         if self._traced is None:
             # Calling the traced function itself skips tf.function's matching of the arguments
             # on every call: measured ~0.4 ms, a tenth of a step of the paper's model.
@@ -96,7 +107,9 @@ class StepProgram:
             )
         return self._traced(state, x, count)
 
-    def _train_step(self, state: dict[str, Any], x: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    def _train_step(
+        self, state: dict[str, Any], x: tf.Tensor, count: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         config = self.config
         parameters = state["parameters"]
         model = VAE(config, parameters=parameters)
@@ -134,7 +147,17 @@ class StepProgram:
         applied = tf.cond(finite, apply, skip)
         state["examples_seen"].assign_add(tf.cast(count, tf.int64))
         applied_row = tf.fill(tf.shape(parts.elbo), tf.cast(applied, parts.elbo.dtype))
-        return tf.stack([parts.elbo, parts.reconstruction_log_likelihood, parts.kl, applied_row])
+        measured = tf.stack(
+            [parts.elbo, parts.reconstruction_log_likelihood, parts.kl, applied_row]
+        )
+        counters = tf.stack(
+            [
+                state["step"].read_value(),
+                state["examples_seen"].read_value(),
+                state["skipped_steps"].read_value(),
+            ]
+        )
+        return measured, counters
 
 
 @functools.cache
@@ -230,9 +253,18 @@ class Trainer(tf.Module):
             padded = np.zeros((self.config.batch_size, self.config.input_dim), np.float32)
             padded[:count] = batch
             batch = padded
-        # One [4, B] result, one copy to NumPy: every fetch costs as much as ~1% of a step.
-        parts = self._program(self.state(), tf.constant(batch), self._count(count)).numpy()
-        return StepResult(parts[0, :count], parts[1, :count], parts[2, :count], bool(parts[3, 0]))
+        # One [4, B] result and one of counters: every fetch costs as much as ~1% of a step.
+        measured, counters = self._program(self.state(), tf.constant(batch), self._count(count))
+        parts, (step, examples_seen, skipped_steps) = measured.numpy(), counters.numpy().tolist()
+        return StepResult(
+            parts[0, :count],
+            parts[1, :count],
+            parts[2, :count],
+            bool(parts[3, 0]),
+            step,
+            examples_seen,
+            skipped_steps,
+        )
 
     def _count(self, count: int) -> tf.Tensor:
         if count != self.config.batch_size:

@@ -166,8 +166,8 @@ class TrainingSession:
         now = self.clock()
         record = TrainingRecord(
             key=self.key,
-            step=self.trainer.step,
-            examples_seen=self.trainer.examples_seen,
+            step=result.step,
+            examples_seen=result.examples_seen,
             batch_size=len(batch),
             elbo=float(result.elbo.mean()),
             reconstruction_log_likelihood=float(result.reconstruction_log_likelihood.mean()),
