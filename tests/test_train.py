@@ -84,6 +84,9 @@ def test_adagrad_matches_the_numpy_reference_and_resets() -> None:
 def test_trainers_of_a_configuration_share_one_compiled_step_and_keep_their_own_state() -> None:
     config = dataclasses.replace(TINY, hidden_dim=7)  # a program no other test has traced
     batches = [_batch(seed=seed) for seed in range(6)]
+    # The first trainer of the configuration runs its own step (its variables captured),
+    # every other the shared one: trainer 0 alone against trainer 0 interleaved compares
+    # the two programs too.
     alone = []
     for seed in (0, 1):
         trainer = Trainer(dataclasses.replace(config, seed=seed))
@@ -93,6 +96,7 @@ def test_trainers_of_a_configuration_share_one_compiled_step_and_keep_their_own_
     for batch in batches:
         for index, trainer in enumerate(interleaved):
             results[index].append(trainer.train_step(batch))
+    assert alone[0][2]._dedicated_step is not None and interleaved[0]._dedicated_step is None
     assert step_program(config).tracing_count == 1
     for index, trainer in enumerate(interleaved):
         for a, b in zip(alone[index][0], results[index], strict=True):
