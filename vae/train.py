@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -81,24 +82,27 @@ class StepProgram:
     became so: a trace and an XLA compilation per model).
 
     Binding ~20 variables to the arguments costs ~0.3 ms a call, 10-15% of a step of the
-    paper's model. So the first trainer of a configuration in a process, which compiles
-    anyway, gets a step of its own (`dedicated_step`) whose variables are captures: a job
-    of one model runs as fast as before models shared their step, and a fleet pays for
-    one more compilation, at its second model.
+    paper's model. So a trainer made while no other of its configuration lives in the
+    process -- the model of a one-model job, the first of a fleet -- gets a step of its own
+    (`dedicated_step`) whose variables are captures: a job of one model runs as fast as
+    before models shared their step, and a fleet pays for one more compilation, at its
+    second model.
     """
 
     def __init__(self, config: VAEConfig) -> None:
         self.config = config
         self._function = tf.function(self._train_step, jit_compile=True)
         self._traced: tf.types.experimental.ConcreteFunction | None = None
-        self._dedicated_given = False
+        self._trainers: weakref.WeakSet[Trainer] = weakref.WeakSet()
 
-    def dedicated_step(self, state: dict[str, Any]) -> Callable[..., Any] | None:
-        """A step compiled for this `state`'s variables alone (called as `step(x, count)`),
-        for the first caller of this program; None for every later one."""
-        if self._dedicated_given:
+    def dedicated_step(self, trainer: Trainer) -> Callable[..., Any] | None:
+        """A step compiled for `trainer`'s variables alone (called as `step(x, count)`) if
+        no other trainer of this configuration lives; None otherwise."""
+        alone = len(self._trainers) == 0
+        self._trainers.add(trainer)
+        if not alone:
             return None
-        self._dedicated_given = True
+        state = trainer.state()
         return tf.function(
             lambda x, count: self._train_step(state, x, count),
             input_signature=[
@@ -223,7 +227,7 @@ class Trainer(tf.Module):
             self.rng = tf.random.Generator.from_seed(config.seed, alg=RNG_ALGORITHM)
         self._full_count: tf.Tensor | None = None
         self._program = step_program(config)
-        self._dedicated_step = self._program.dedicated_step(self.state())
+        self._dedicated_step = self._program.dedicated_step(self)
         self._traced_dedicated_step: tf.types.experimental.ConcreteFunction | None = None
 
     @property
