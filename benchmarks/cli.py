@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the bound for cases with more keys than this (default 2000)",
     )
     keys.add_argument("--probe-keys", type=positive_int, default=50)
+    keys.add_argument(
+        "--repeats", type=positive_int, default=1, help="runs of each case, alternating (1)"
+    )
     keys.add_argument("--json", action="store_true")
 
     drift = benches.add_parser(
@@ -179,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             data_dir=args.data_dir,
             fallback=args.fallback_dataset,
             probe_keys=args.probe_keys,
+            repeats=args.repeats,
         )
     if args.bench == "memory":
         from benchmarks.memory import memory_growth

@@ -75,10 +75,10 @@ FleetCase(keys=1000, examples_per_key=1000, max_models_in_memory=500)]
     """
     cases = []
     for part in text.split(","):
-        keys_text, _, per_key_text = part.strip().partition("x")
+        keys_text, times, per_key_text = part.strip().partition("x")
         try:
             keys = int(keys_text)
-            per_key = int(per_key_text) if per_key_text else examples // keys
+            per_key = int(per_key_text) if times else examples // keys
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"--keys: {part!r} is not K or KxN") from None
         if keys < 1 or per_key < 1:
@@ -95,20 +95,29 @@ def fleet_benchmark(
     data_dir: str | None = None,
     fallback: str | None = None,
     probe_keys: int = 50,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Runs every case in a child process of its own; the result lists them in order."""
+    """Runs every case in a child process of its own, the whole list `repeats` times
+    (alternating the cases: absolute times drift by 10-20% on a shared machine); each
+    case reports its median run by wall time, with every run's wall time."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for index, case in enumerate(cases):
+            spec = {
+                "dataset": dataset,
+                "data_dir": data_dir,
+                "fallback": fallback,
+                "config": config_dict,
+                "case": dataclasses.asdict(case),
+                "probe_keys": probe_keys,
+            }
+            runs[index].append(_run_child(spec))
     results = []
-    for case in cases:
-        spec = {
-            "dataset": dataset,
-            "data_dir": data_dir,
-            "fallback": fallback,
-            "config": config_dict,
-            "case": dataclasses.asdict(case),
-            "probe_keys": probe_keys,
-        }
-        results.append(_run_child(spec))
-    return {"machine": machine(), "cases": results, **_goals(results)}
+    for case_runs in runs:
+        ordered = sorted(case_runs, key=lambda run: run["wall_seconds"])
+        median = ordered[(len(ordered) - 1) // 2]
+        results.append({**median, "runs_wall_seconds": [run["wall_seconds"] for run in case_runs]})
+    return {"machine": machine(), "repeats": repeats, "cases": results, **_goals(results)}
 
 
 def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
