@@ -243,3 +243,47 @@ def test_names_are_compared_with_their_suffixes(exposed_names: set[str]) -> None
     assert "aevb_step_seconds_bucket" in exposed_names
     assert "aevb_step_seconds_count" in exposed_names
     assert "aevb_step_seconds" not in exposed_names
+
+
+def test_a_job_with_per_key_metrics_none_exposes_only_the_aggregates(tmp_path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    np.save(inputs / "rows.npy", (rng.random((60, 8)) > 0.5).astype(np.float32))
+    before = _fleet_examples(metrics.generate_latest().decode())
+    options = PipelineOptions(
+        [
+            "--runner=FnApiRunner",
+            f"--source=files:{inputs}/*.npy",
+            "--input-dim=8",
+            "--likelihood=bernoulli",
+            "--hidden=8",
+            "--latent-dim=2",
+            "--batch-size=10",
+            f"--output={tmp_path / 'run'}",
+            "--model-key=fleet-only",
+            "--metrics-port=0",
+            "--per-key-metrics=none",
+        ]
+    )
+    pipeline = beam.Pipeline(options=options)
+    build_training_pipeline(pipeline, options.view_as(AEVBOptions))
+    pipeline.run().wait_until_finish()
+    text = metrics.generate_latest().decode()
+    per_key = {
+        sample.name
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("model") == "fleet-only"
+    }
+    # Only the dead letters' counter is kept per key (it is created at the job's start).
+    assert per_key <= {"aevb_records_rejected_total", "aevb_records_rejected_created"}, per_key
+    assert _fleet_examples(text) - before == 60
+
+
+def _fleet_examples(text: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "aevb_fleet_examples_total":
+                return sample.value
+    return 0.0
