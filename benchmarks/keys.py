@@ -160,6 +160,8 @@ def _goals(results: list[dict[str, Any]]) -> dict[str, Any]:
     if single and fleet:
         goals["wall_ratio_1000x1000_to_1x1e6"] = fleet["wall_seconds"] / single["wall_seconds"]
         goals["samples_per_second_ratio_1000_keys"] = fleet["samples_per_second_vs_trainer"]
+        # The measure the two above stand for: what a key costs beyond its examples.
+        goals["fixed_seconds_per_key"] = (fleet["wall_seconds"] - single["wall_seconds"]) / 1000
     return goals
 
 
