@@ -163,22 +163,7 @@ def exposed_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     rng = np.random.default_rng(0)
     np.save(inputs / "good.npy", (rng.random((60, 8)) > 0.5).astype(np.float32))
     np.save(inputs / "bad.npy", np.ones((2, 3), np.float32))  # wrong width: a dead letter
-    flags = [
-        "--runner=FnApiRunner",
-        f"--source=files:{inputs}/*.npy",
-        "--input-dim=8",
-        "--likelihood=bernoulli",
-        "--hidden=8",
-        "--latent-dim=2",
-        "--batch-size=10",
-        f"--output={root / 'run'}",
-        "--model-key=exposed",
-        "--metrics-port=0",  # metrics on (the server itself is run_training's business)
-    ]
-    options = PipelineOptions(flags)
-    pipeline = beam.Pipeline(options=options)
-    build_training_pipeline(pipeline, options.view_as(AEVBOptions))
-    pipeline.run().wait_until_finish()
+    _run_small_job(root, "exposed")
     text = metrics.generate_latest().decode()
     names = set()
     for family in text_string_to_metric_families(text):
@@ -187,6 +172,27 @@ def exposed_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
             if sample.labels.get("model", "exposed") == "exposed":
                 names.add(sample.name)
     return names
+
+
+def _run_small_job(root: pathlib.Path, model_key: str, *extra_flags: str) -> None:
+    """The real training job, batch, in this process, on the .npy files of `root/in`."""
+    flags = [
+        "--runner=FnApiRunner",
+        f"--source=files:{root / 'in'}/*.npy",
+        "--input-dim=8",
+        "--likelihood=bernoulli",
+        "--hidden=8",
+        "--latent-dim=2",
+        "--batch-size=10",
+        f"--output={root / 'run'}",
+        f"--model-key={model_key}",
+        "--metrics-port=0",  # metrics on (the server itself is run_training's business)
+        *extra_flags,
+    ]
+    options = PipelineOptions(flags)
+    pipeline = beam.Pipeline(options=options)
+    build_training_pipeline(pipeline, options.view_as(AEVBOptions))
+    pipeline.run().wait_until_finish()
 
 
 def _referenced(exprs: list[str]) -> set[str]:
@@ -251,24 +257,7 @@ def test_a_job_with_per_key_metrics_none_exposes_only_the_aggregates(tmp_path) -
     rng = np.random.default_rng(1)
     np.save(inputs / "rows.npy", (rng.random((60, 8)) > 0.5).astype(np.float32))
     before = _fleet_examples(metrics.generate_latest().decode())
-    options = PipelineOptions(
-        [
-            "--runner=FnApiRunner",
-            f"--source=files:{inputs}/*.npy",
-            "--input-dim=8",
-            "--likelihood=bernoulli",
-            "--hidden=8",
-            "--latent-dim=2",
-            "--batch-size=10",
-            f"--output={tmp_path / 'run'}",
-            "--model-key=fleet-only",
-            "--metrics-port=0",
-            "--per-key-metrics=none",
-        ]
-    )
-    pipeline = beam.Pipeline(options=options)
-    build_training_pipeline(pipeline, options.view_as(AEVBOptions))
-    pipeline.run().wait_until_finish()
+    _run_small_job(tmp_path, "fleet-only", "--per-key-metrics=none")
     text = metrics.generate_latest().decode()
     per_key = {
         sample.name
