@@ -294,7 +294,6 @@ class Fleet:
     """
 
     def __init__(self, metrics: Families, clock: Callable[[], float] = time.time) -> None:
-        self._metrics = metrics
         self._clock = clock
         self._lock = threading.Lock()
         self._bounds = (*NEGATIVE_ELBO_BUCKETS, math.inf)
@@ -304,39 +303,39 @@ class Fleet:
         ]
         self._bucket_of: dict[str, int] = {}  # key -> index of its latest bound's bucket
         self._drifting_since: dict[str, float] = {}
-        for series in (metrics.fleet_keys_in_memory, metrics.fleet_keys_trained):
-            series.labels()
-        for restored in ("false", "true"):
-            metrics.fleet_sessions_opened.labels(restored=restored)
-        for counter in (
-            metrics.fleet_evictions,
-            metrics.fleet_examples,
-            metrics.fleet_drift_detections,
-        ):
-            counter.labels()
-        metrics.fleet_keys_drifting.labels()
+        # Every series made now, at 0 (see `PrometheusObserver.on_open`), and kept.
+        self._in_memory = metrics.fleet_keys_in_memory.labels()
+        self._trained = metrics.fleet_keys_trained.labels()
+        self._opened = {
+            restored: metrics.fleet_sessions_opened.labels(restored=str(restored).lower())
+            for restored in (False, True)
+        }
+        self._evictions = metrics.fleet_evictions.labels()
+        self._examples = metrics.fleet_examples.labels()
+        self._drift_detections = metrics.fleet_drift_detections.labels()
+        self._drifting = metrics.fleet_keys_drifting.labels()
 
     def opened(self, resumed: bool) -> None:
-        self._metrics.fleet_keys_in_memory.labels().inc()
-        self._metrics.fleet_sessions_opened.labels(restored=str(resumed).lower()).inc()
+        self._in_memory.inc()
+        self._opened[resumed].inc()
 
     def closed(self, reason: str) -> None:
-        self._metrics.fleet_keys_in_memory.labels().inc(-1)
+        self._in_memory.inc(-1)
         if reason == "evicted":
-            self._metrics.fleet_evictions.labels().inc()
+            self._evictions.inc()
 
     def record(self, key: str, examples: int, elbo: float) -> None:
-        self._metrics.fleet_examples.labels().inc(examples)
+        self._examples.inc(examples)
         with self._lock:
             if np.isfinite(elbo):
                 self._move(key, bisect.bisect_left(self._bounds, -elbo))
             self._expire_drifting()
 
     def drift(self, key: str) -> None:
-        self._metrics.fleet_drift_detections.labels().inc()
+        self._drift_detections.inc()
         with self._lock:
             if key not in self._drifting_since:
-                self._metrics.fleet_keys_drifting.labels().inc()
+                self._drifting.inc()
             self._drifting_since[key] = self._clock()
 
     def _move(self, key: str, bucket: int) -> None:
@@ -346,7 +345,7 @@ class Fleet:
             return
         self._bucket_of[key] = bucket
         if old is None:
-            self._metrics.fleet_keys_trained.labels().inc()
+            self._trained.inc()
             old = len(self._bounds)
         step = 1 if bucket < old else -1
         for index in range(min(bucket, old), max(bucket, old)):
@@ -360,7 +359,7 @@ class Fleet:
         for key in expired:
             del self._drifting_since[key]
         if expired:
-            self._metrics.fleet_keys_drifting.labels().inc(-len(expired))
+            self._drifting.inc(-len(expired))
 
 
 _fleet: Fleet | None = None

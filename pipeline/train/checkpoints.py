@@ -149,16 +149,18 @@ def checkpointed_examples(run_dir: str | os.PathLike, key: str) -> int:
 
     Read from its `state.json`, so a job can resume its source without restoring a model.
     """
-    return _state(run_dir, key).get("examples_seen", 0)
+    return saved_state(run_dir, key).get("examples_seen", 0)
 
 
 def checkpoint_number(run_dir: str | os.PathLike, key: str) -> int | None:
     """The number of the newest checkpoint of `key` under `run_dir` (None if none), from
     its `state.json`: a live session saved under a lower one is stale."""
-    return _state(run_dir, key).get("checkpoint")
+    return saved_state(run_dir, key).get("checkpoint")
 
 
-def _state(run_dir: str | os.PathLike, key: str) -> dict[str, Any]:
+def saved_state(run_dir: str | os.PathLike, key: str) -> dict[str, Any]:
+    """The `state.json` of `key`'s newest checkpoint ({} if none): its "checkpoint" number,
+    "step" and "examples_seen", read without restoring a model."""
     state = pathlib.Path(run_dir) / "checkpoints" / key / CheckpointStore.STATE_FILE
     return json.loads(state.read_text()) if state.exists() else {}
 

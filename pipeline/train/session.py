@@ -121,13 +121,7 @@ class TrainingSession:
             raise ValueError("resetting the optimiser on drift needs a drift detector")
         self.reset_optimizer_on_drift = reset_optimizer_on_drift
         self.drift_detections: list[DriftDetection] = []
-        self._notify(
-            "on_open",
-            self.key,
-            self._last_snapshot_time,
-            self.drift.thresholds if self.drift else None,
-            self.resumed,
-        )
+        self._notify_open(self.resumed)
 
     @property
     def examples_seen(self) -> int:
@@ -286,13 +280,11 @@ class TrainingSession:
     def reopen(self) -> None:
         """Tells the observers the closed session is in use again (an evicted model that was
         still held elsewhere, revived rather than restored a second time)."""
-        self._notify(
-            "on_open",
-            self.key,
-            self._last_snapshot_time,
-            self.drift.thresholds if self.drift else None,
-            True,
-        )
+        self._notify_open(resumed=True)
+
+    def _notify_open(self, resumed: bool) -> None:
+        thresholds = self.drift.thresholds if self.drift else None
+        self._notify("on_open", self.key, self._last_snapshot_time, thresholds, resumed)
 
     def close(self, reason: str = "end of run") -> pathlib.Path | None:
         """Final log line, checkpoint and snapshot (unless the newest snapshot is of this very

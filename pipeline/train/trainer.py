@@ -49,7 +49,7 @@ import vae
 from pipeline.ingest import lifecycle
 from pipeline.ingest.decode import KeyedChunk
 from pipeline.ingest.keys import validate_model_key
-from pipeline.train.checkpoints import checkpoint_number, checkpointed_examples
+from pipeline.train.checkpoints import checkpoint_number, saved_state
 from pipeline.train.counters import BeamCounters
 from pipeline.train.drift import DriftSettings
 from pipeline.train.observers import SessionObserver
@@ -463,8 +463,6 @@ def _open_session(
         session = session or revived
         on_disk = checkpoint_number(spec.run_dir, key)
         saved = None if session is None else session.checkpoints.saved_number
-        if session is not None and session is revived:
-            session.reopen()
         if session is None or (on_disk is not None and (saved is None or on_disk > saved)):
             # New here, or another worker process checkpointed the key since: restore.
             session = TrainingSession(
@@ -478,6 +476,8 @@ def _open_session(
                 drift=spec.drift,
                 reset_optimizer_on_drift=spec.reset_optimizer_on_drift,
             )
+        elif session is revived:
+            session.reopen()  # a stale revived object is dropped instead, never reopened
         _live_sessions[name] = session
         _live_sessions.move_to_end(name)
         evicted = []
@@ -497,11 +497,13 @@ def _is_live(run_dir: str, key: str) -> bool:
 def _closed_on_disk(run_dir: str, key: str) -> bool:
     """Whether `key`'s newest snapshot is of the model of its newest checkpoint: closing
     the model restored from it would write nothing."""
-    versions = version_directories(pathlib.Path(run_dir) / "snapshots" / key)
-    if not versions or checkpoint_number(run_dir, key) is None:
+    checkpoint = saved_state(run_dir, key)
+    if "checkpoint" not in checkpoint:
         return False
-    snapshot_examples = read_metadata(versions[-1]).get("examples_seen")
-    return snapshot_examples == checkpointed_examples(run_dir, key)
+    versions = version_directories(pathlib.Path(run_dir) / "snapshots" / key)
+    return bool(versions) and (
+        read_metadata(versions[-1]).get("examples_seen") == checkpoint["examples_seen"]
+    )
 
 
 def _close(session: TrainingSession) -> None:
