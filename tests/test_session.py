@@ -10,11 +10,10 @@ import pathlib
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import vae
 from pipeline.ingest.keys import validate_model_key
-from pipeline.train.checkpoints import CONFIG_FILE, CheckpointStore
+from pipeline.train.checkpoints import CONFIG_FILE, CheckpointStore, checkpoint_number
 from pipeline.train.drift import DriftSettings
 from pipeline.train.observers import SessionObserver
 from pipeline.train.progress import ProgressLog, read_progress
@@ -62,9 +61,7 @@ def _checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
     directory = run_dir / "checkpoints" / "default"
     if not directory.exists():
         return []
-    return sorted(
-        int(p.name[len("ckpt-") : -len(".index")]) for p in directory.glob("ckpt-*.index")
-    )
+    return sorted(int(p.name[len("ckpt-") : -len(".npz")]) for p in directory.glob("ckpt-*.npz"))
 
 
 def _weighted(records: list[TrainingRecord], field: str) -> float:
@@ -92,7 +89,7 @@ def test_checkpoint_cadence_and_resume_after_a_crash(tmp_path: pathlib.Path) -> 
     saved = json.loads((tmp_path / "checkpoints" / "default" / CONFIG_FILE).read_text())
     assert vae.VAEConfig.from_dict(saved) == CONFIG
     assert CheckpointStore.saved_config(tmp_path / "checkpoints" / "default") == CONFIG
-    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / "default")).endswith("ckpt-4")
+    assert checkpoint_number(tmp_path, "default") == 4
 
     # The process dies here without close(): a new session resumes from the last checkpoint.
     resumed = _session(tmp_path, Cadence(log_every_steps=100, checkpoint_every_steps=2))

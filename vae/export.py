@@ -26,6 +26,7 @@ import tempfile
 
 import tensorflow as tf
 
+from vae.checkpoint_writer import write_checkpoint
 from vae.config import VAEConfig
 from vae.model import LAYERS, VAE
 from vae.snapshot_format import SAVED_MODEL_FILE, SIGNATURES
@@ -118,8 +119,9 @@ class Exporter:
         (directory / "variables").mkdir(parents=True, exist_ok=True)
         (directory / SAVED_MODEL_FILE).write_bytes(self._graph)
         # The object paths of `ServingModule`'s variables: the keys its graph restores.
-        tf.train.Checkpoint(model=model, config_json=_config_json(model.config)).write(
-            os.fspath(directory / "variables" / "variables")
+        write_checkpoint(
+            tf.train.Checkpoint(model=model, config_json=_config_json(model.config)),
+            os.fspath(directory / "variables" / "variables"),
         )
 
 
