@@ -4,8 +4,8 @@ The whole `vae.Trainer` state (parameters, Adagrad accumulators, counters, rando
 goes into `ckpt-<N>.npz`, one NumPy array per variable under its object path in the trainer
 (the key `tf.train.Checkpoint(trainer=...)` would give it, less its suffix), written to a
 temporary name and renamed: a crash mid-write leaves the previous checkpoint usable. The last
-few are kept. Not TensorFlow's checkpoint format: its writer spends about 2.5 ms a megabyte
-on checksums in the TensorFlow build we use, four times what NumPy's takes, and a fleet
+few are kept. Not TensorFlow's checkpoint format: its writer took 17 ms for a 784-500-20
+trainer's 6.5 MB where NumPy's took 4.5 (measured alternating, 2026-11-29), and a fleet
 writes a checkpoint for every key it trains and evicts. Checkpoints TensorFlow wrote, as
 older versions did, are still restored.
 
