@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job.add_argument("--json", action="store_true")
 
+    batching = benches.add_parser(
+        "key-batching", help="per key-step: a model alone, a fleet's shared step, stacking keys"
+    )
+    add_model_flags(batching.add_argument_group("model and learning algorithm"))
+    batching.add_argument("--input-dim", type=positive_int, default=784)
+    batching.add_argument("--keys", type=positive_int, default=8, help="keys per round (8)")
+    batching.add_argument("--repeats", type=positive_int, default=30)
+    batching.add_argument("--json", action="store_true")
+
     memory = benches.add_parser("memory", help="resident memory over a long streaming job")
     add_data_flags(memory.add_argument_group("data"))
     add_model_flags(memory.add_argument_group("model and learning algorithm"))
@@ -184,6 +193,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             probe_keys=args.probe_keys,
             repeats=args.repeats,
         )
+    if args.bench == "key-batching":
+        try:
+            config = model_config(args, input_dim=args.input_dim, likelihood="bernoulli")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        from benchmarks.key_batching import key_batching
+
+        return key_batching(config, keys=args.keys, repeats=args.repeats)
     if args.bench == "memory":
         from benchmarks.memory import memory_growth
 
