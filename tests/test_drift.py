@@ -256,7 +256,7 @@ class Broken(SessionObserver):
 def stand_in_export(monkeypatch: pytest.MonkeyPatch) -> None:
     """A SavedModel export takes seconds; these tests are about when snapshots happen."""
 
-    def save(model, directory) -> None:
+    def save(model, directory, graph_dir=None) -> None:
         (pathlib.Path(directory) / "saved_model.pb").write_bytes(b"stand-in")
 
     monkeypatch.setattr(vae, "save", save)

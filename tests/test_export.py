@@ -17,6 +17,7 @@ import vae
 from vae.config import VAEConfig
 from vae.export import EXPORT_SEED, SIGNATURES, ServingModule, exporter_for, load_model, save
 from vae.model import VAE
+from vae.snapshot_format import SAVED_MODEL_FILE
 
 CONFIGS = {
     "bernoulli": VAEConfig(input_dim=8, latent_dim=2, hidden_dim=6, init_stddev=0.5, seed=3),
@@ -310,6 +311,30 @@ def test_snapshot_restores_through_the_graph_saver_as_tf_serving_does(exports) -
         signature = meta_graph.signature_def["elbo"]
         elbo = session.run(signature.outputs["elbo"].name, {signature.inputs["x"].name: x})
     np.testing.assert_allclose(elbo, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_without_a_link_the_graph_is_written(exports, tmp_path, monkeypatch) -> None:
+    # As on another file system than the graph directory's, or an object store.
+    def cross_device(source, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    model, _ = exports["bernoulli"]
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    linked = tmp_path / "linked"
+    vae.save(model, linked, graph_dir=graphs)
+    monkeypatch.setattr(os, "link", cross_device)
+    written = tmp_path / "written"
+    vae.save(model, written, graph_dir=graphs)
+    assert (linked / SAVED_MODEL_FILE).stat().st_nlink == 2
+    assert (written / SAVED_MODEL_FILE).stat().st_nlink == 1
+    graph = (linked / SAVED_MODEL_FILE).read_bytes()
+    assert (written / SAVED_MODEL_FILE).read_bytes() == graph
+    inputs = _inputs(model.config)
+    ours, theirs = _all_outputs(written, inputs), _all_outputs(linked, inputs)
+    for name in SIGNATURES:
+        for output, value in theirs[name].items():
+            np.testing.assert_array_equal(ours[name][output], value, err_msg=name)
 
 
 def test_an_exporter_refuses_a_model_of_another_configuration(tmp_path) -> None:

@@ -41,7 +41,7 @@ def fake_save(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replaces the SavedModel export (`vae.save`) by a stand-in: these tests are about
     *when* snapshots happen (tests/test_snapshots.py loads real ones)."""
 
-    def save(model: vae.VAE, directory) -> None:
+    def save(model: vae.VAE, directory, graph_dir=None) -> None:
         (pathlib.Path(directory) / "saved_model.pb").write_bytes(b"stand-in")
 
     monkeypatch.setattr(vae, "save", save)

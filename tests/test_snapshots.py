@@ -1,5 +1,6 @@
 """Tests for pipeline.train.snapshots: versioned SavedModel snapshots a server can poll safely."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -39,7 +40,7 @@ class ExportStandIn:
         self.exported: list[pathlib.Path] = []
         self.failure: Exception | None = None
 
-    def save(self, model: vae.VAE, directory) -> None:
+    def save(self, model: vae.VAE, directory, graph_dir=None) -> None:
         directory = pathlib.Path(directory)
         (directory / "saved_model.pb").write_bytes(b"stand-in")  # what a reader would see
         if self.failure is not None:
@@ -160,6 +161,32 @@ def test_a_snapshot_loads_and_equals_the_model(tmp_path, model) -> None:
     # The real export writes its SavedModel and the metadata beside it.
     assert read_metadata(path)["version"] == 1
     assert read_metadata(path)["input_shape"] == [None, 8]
+
+
+def test_the_versions_of_a_configuration_link_one_graph_file(tmp_path, model) -> None:
+    other = vae.VAE(dataclasses.replace(CONFIG, seed=11))  # another key's model, same graph
+    first = SnapshotWriter(tmp_path, "a").write(model, {})
+    second = SnapshotWriter(tmp_path, "b").write(other, {})
+    staging = tmp_path / "snapshots" / snapshots.STAGING_DIR
+    (graph,) = staging.glob("saved_model-*.pb")
+    assert {(p / "saved_model.pb").stat().st_ino for p in (first, second)} == {graph.stat().st_ino}
+    assert graph.stat().st_nlink == 3
+    # Linked, each still loads as its own model.
+    for path, written in ((first, model), (second, other)):
+        for mine, theirs in zip(
+            written.parameters(), vae.load_model(path).parameters(), strict=True
+        ):
+            np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    # A job's start clears the staging directory of leftovers, not of a linked graph file.
+    assert snapshots.remove_staging(tmp_path) == [] and graph.exists()
+    # Pruning a version unlinks its name only.
+    SnapshotWriter(tmp_path, "a", keep=1).write(model, {})
+    assert graph.stat().st_nlink == 3 and not first.exists()
+    # A graph file no version links to (another run's, all of whose versions were pruned)
+    # goes at the next start.
+    unlinked = staging / "saved_model-0123456789abcdef.pb"
+    unlinked.write_bytes(b"graph of an earlier process")
+    assert snapshots.remove_staging(tmp_path) == [unlinked] and graph.exists()
 
 
 def test_each_snapshot_holds_the_parameters_at_its_own_export(tmp_path) -> None:

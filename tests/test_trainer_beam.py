@@ -42,7 +42,7 @@ class FixedClock:
         return 0.0
 
 
-def _stand_in_save(model: vae.VAE, directory) -> None:
+def _stand_in_save(model: vae.VAE, directory, graph_dir=None) -> None:
     """Replaces the SavedModel export (seconds for a configuration's first snapshot): these
     tests are about when snapshots happen and what their metadata says;
     tests/test_snapshots.py and tests/test_export.py load real ones, tests/test_job.py too."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -29,7 +30,7 @@ import tensorflow as tf
 from vae.checkpoint_writer import write_checkpoint
 from vae.config import VAEConfig
 from vae.model import LAYERS, VAE
-from vae.snapshot_format import SAVED_MODEL_FILE, SIGNATURES
+from vae.snapshot_format import GRAPH_FILE_PREFIX, SAVED_MODEL_FILE, SIGNATURES
 
 EXPORT_SEED = (0, 0)
 
@@ -99,9 +100,9 @@ class Exporter:
     Tracing six signatures costs seconds -- per model, were each exported on its own. The
     graph of a SavedModel does not depend on the values of its variables, so it is traced
     once, for a stand-in model of the configuration, and every snapshot is that graph
-    (`saved_model.pb`, copied) plus the model's variables written under the names the graph
-    restores them from: the files `tf.saved_model.save` would have written, in the time it
-    takes to write the variables.
+    (`saved_model.pb`, copied or hard-linked) plus the model's variables written under the
+    names the graph restores them from: the files `tf.saved_model.save` would have written,
+    in the time it takes to write the variables.
     """
 
     def __init__(self, config: VAEConfig) -> None:
@@ -110,19 +111,49 @@ class Exporter:
         with tempfile.TemporaryDirectory() as directory:
             tf.saved_model.save(module, directory, signatures=module.signatures())
             self._graph = (pathlib.Path(directory) / SAVED_MODEL_FILE).read_bytes()
+        # Names the graph's file in a `graph_dir`: one name, one graph.
+        self.graph_digest = hashlib.sha256(self._graph).hexdigest()[:16]
 
-    def save(self, model: VAE, directory: str | os.PathLike) -> None:
-        """Writes `model` (of this exporter's configuration) as a SavedModel into `directory`."""
+    def save(
+        self, model: VAE, directory: str | os.PathLike, graph_dir: str | os.PathLike | None = None
+    ) -> None:
+        """Writes `model` (of this exporter's configuration) as a SavedModel into `directory`.
+
+        With `graph_dir`, a directory on the same file system, the graph is written there
+        once, as `saved_model-<digest>.pb`, and hard-linked into `directory`: a fleet's
+        snapshots then share one copy of it (700 KB for 784-200-10, half the size of the
+        model's variables). Where no link can be made (another file system, an object
+        store) the graph is written into `directory`.
+        """
         if dataclasses.replace(model.config, seed=0) != dataclasses.replace(self.config, seed=0):
             raise ValueError(f"this exporter writes models of {self.config}, not {model.config}")
         directory = pathlib.Path(directory)
         (directory / "variables").mkdir(parents=True, exist_ok=True)
-        (directory / SAVED_MODEL_FILE).write_bytes(self._graph)
+        graph = directory / SAVED_MODEL_FILE
+        if graph_dir is None or not _linked(self._graph_file(pathlib.Path(graph_dir)), graph):
+            graph.write_bytes(self._graph)
         # The object paths of `ServingModule`'s variables: the keys its graph restores.
         write_checkpoint(
             tf.train.Checkpoint(model=model, config_json=_config_json(model.config)),
             os.fspath(directory / "variables" / "variables"),
         )
+
+    def _graph_file(self, directory: pathlib.Path) -> pathlib.Path:
+        """The graph's file in `directory`, written whole (or not at all) if missing."""
+        path = directory / f"{GRAPH_FILE_PREFIX}{self.graph_digest}.pb"
+        if not path.exists():
+            staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            staged.write_bytes(self._graph)
+            os.replace(staged, path)
+        return path
+
+
+def _linked(source: pathlib.Path, target: pathlib.Path) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, one without links, or no such file
+        return False
+    return True
 
 
 @functools.cache
@@ -135,9 +166,12 @@ def exporter_for(config: VAEConfig) -> Exporter:
     return _exporter(dataclasses.replace(config, seed=0))
 
 
-def save(model: VAE, directory: str | os.PathLike) -> None:
-    """Writes `model` as a SavedModel with the signatures above into `directory`."""
-    exporter_for(model.config).save(model, directory)
+def save(
+    model: VAE, directory: str | os.PathLike, graph_dir: str | os.PathLike | None = None
+) -> None:
+    """Writes `model` as a SavedModel with the signatures above into `directory`; with
+    `graph_dir`, its graph is a hard link to one file there (see `Exporter.save`)."""
+    exporter_for(model.config).save(model, directory, graph_dir)
 
 
 def load_model(directory: str | os.PathLike) -> VAE:

@@ -56,6 +56,9 @@ __all__ = [
 ]
 
 SAVED_MODEL_FILE = "saved_model.pb"
+# `saved_model-<digest>.pb`: a configuration's graph kept beside the versions (`vae.save`'s
+# `graph_dir`), which their `saved_model.pb` are hard links to.
+GRAPH_FILE_PREFIX = "saved_model-"
 # The signatures every snapshot serves (see vae.export for their inputs and outputs).
 SIGNATURES = ("serving_default", "encode", "decode", "elbo", "score", "sample")
 METADATA_PATH = pathlib.Path("assets.extra") / "aevb.json"

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from vae.snapshot_format import version_directories
+from vae.snapshot_format import GRAPH_FILE_PREFIX, version_directories
 
 if TYPE_CHECKING:  # TensorFlow: imported by `write` only, so reading the layout stays light
     import vae
@@ -40,11 +40,12 @@ HIGH_WATER_MARK_SUFFIX = ".last_version"
 
 def remove_staging(run_dir: str | os.PathLike) -> list[pathlib.Path]:
     """Removes what writers killed mid-snapshot or mid-prune left in `snapshots/.staging/`,
-    keeping each model's record of the versions it used. Only for the job that holds the
-    run directory, before it trains. Returns what was removed."""
+    and graph files no version links to any more, keeping each model's record of the
+    versions it used. Only for the job that holds the run directory, before it trains.
+    Returns what was removed."""
     removed = []
     for entry in sorted(pathlib.Path(run_dir, "snapshots", STAGING_DIR).glob("*")):
-        if entry.name.endswith(HIGH_WATER_MARK_SUFFIX):
+        if entry.name.endswith(HIGH_WATER_MARK_SUFFIX) or _linked_graph(entry):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
@@ -52,6 +53,16 @@ def remove_staging(run_dir: str | os.PathLike) -> list[pathlib.Path]:
             entry.unlink()
         removed.append(entry)
     return removed
+
+
+def _linked_graph(path: pathlib.Path) -> bool:
+    """A configuration's graph file that some version's `saved_model.pb` is a link to.
+
+    Each process traces its own graph (the bytes differ between processes in the names
+    TensorFlow gives functions), so every run of a job adds one; it goes once the versions
+    linking to it are pruned."""
+    graph = path.name.startswith(GRAPH_FILE_PREFIX) and path.suffix == ".pb"
+    return graph and path.stat().st_nlink > 1
 
 
 class SnapshotWriter:
@@ -85,7 +96,9 @@ class SnapshotWriter:
             tempfile.mkdtemp(prefix=f"{self.model_name}-{version}-", dir=self._staging)
         )
         try:
-            vae.save(model, staging)
+            # The graph of the versions links to one file per configuration in the staging
+            # directory: 10,000 keys would otherwise hold 10,000 copies of it.
+            vae.save(model, staging, graph_dir=self._staging)
             write_metadata(staging, self.model_name, version, model.config, metadata)
             write_warmup_requests(
                 staging, model.config.input_dim, model.config.latent_dim, self.model_name
