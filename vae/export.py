@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import tempfile
+import threading
 
 import tensorflow as tf
 
@@ -130,7 +131,7 @@ class Exporter:
         directory = pathlib.Path(directory)
         (directory / "variables").mkdir(parents=True, exist_ok=True)
         graph = directory / SAVED_MODEL_FILE
-        if graph_dir is None or not _linked(self._graph_file(pathlib.Path(graph_dir)), graph):
+        if graph_dir is None or not self._link_graph(pathlib.Path(graph_dir), graph):
             graph.write_bytes(self._graph)
         # The object paths of `ServingModule`'s variables: the keys its graph restores.
         write_checkpoint(
@@ -138,22 +139,22 @@ class Exporter:
             os.fspath(directory / "variables" / "variables"),
         )
 
-    def _graph_file(self, directory: pathlib.Path) -> pathlib.Path:
-        """The graph's file in `directory`, written whole (or not at all) if missing."""
-        path = directory / f"{GRAPH_FILE_PREFIX}{self.graph_digest}.pb"
-        if not path.exists():
-            staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            staged.write_bytes(self._graph)
-            os.replace(staged, path)
-        return path
-
-
-def _linked(source: pathlib.Path, target: pathlib.Path) -> bool:
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, one without links, or no such file
-        return False
-    return True
+    def _link_graph(self, graph_dir: pathlib.Path, target: pathlib.Path) -> bool:
+        """Hard-links `target` to the graph's file in `graph_dir`, written there first
+        (whole or not at all) if missing; False where that cannot be done."""
+        shared = graph_dir / f"{GRAPH_FILE_PREFIX}{self.graph_digest}.pb"
+        try:
+            if not shared.exists():
+                # Named by process and thread: two writers never share a staged file.
+                staged = shared.with_name(
+                    f"{shared.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+                )
+                staged.write_bytes(self._graph)
+                os.replace(staged, shared)
+            os.link(shared, target)
+        except OSError:  # another file system, one without links, a read-only directory
+            return False
+        return True
 
 
 @functools.cache
