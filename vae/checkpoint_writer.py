@@ -42,8 +42,8 @@ def write_checkpoint(root: tf.train.Checkpoint, prefix: str) -> str:
     """
     nodes = object_paths(root)
     structure = tuple(
-        (key, type(node).__name__, getattr(node, "dtype", None), _shape(node))
-        for key, node in nodes
+        (path, type(node).__name__, getattr(node, "dtype", None), _shape(node))
+        for path, node in nodes
     )
     graph = _object_graphs.get(structure)
     if graph is None:
