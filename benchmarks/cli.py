@@ -140,13 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _binary_model_config(args: argparse.Namespace) -> Any:
+    """The model of the benchmarks that train on synthetic binary data of `--input-dim`."""
+    try:
+        return model_config(args, input_dim=args.input_dim, likelihood="bernoulli")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The result of the benchmark `args` name (imported only now: TensorFlow)."""
     if args.bench == "trainer":
-        try:
-            config = model_config(args, input_dim=args.input_dim, likelihood="bernoulli")
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        config = _binary_model_config(args)
         from benchmarks.trainer import trainer_throughput
 
         return trainer_throughput(
@@ -194,13 +199,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             repeats=args.repeats,
         )
     if args.bench == "key-batching":
-        try:
-            config = model_config(args, input_dim=args.input_dim, likelihood="bernoulli")
-        except ValueError as error:
-            raise UsageError(str(error)) from None
         from benchmarks.key_batching import key_batching
 
-        return key_batching(config, keys=args.keys, repeats=args.repeats)
+        return key_batching(_binary_model_config(args), keys=args.keys, repeats=args.repeats)
     if args.bench == "memory":
         from benchmarks.memory import memory_growth
 

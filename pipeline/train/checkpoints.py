@@ -152,8 +152,7 @@ class CheckpointStore:
         return self.directory / f"{self.LEDGER_PREFIX}{number}.json"
 
     def _newest_number(self) -> int | None:
-        state = self.directory / self.STATE_FILE
-        number = json.loads(state.read_text()).get("checkpoint") if state.exists() else None
+        number = _read_state(self.directory).get("checkpoint")
         if number is None:  # a run from before state.json named its checkpoint
             prefix = tf.train.latest_checkpoint(os.fspath(self.directory))
             number = None if prefix is None else int(prefix.rsplit("-", 1)[1])
@@ -223,7 +222,11 @@ def checkpoint_number(run_dir: str | os.PathLike, key: str) -> int | None:
 def saved_state(run_dir: str | os.PathLike, key: str) -> dict[str, Any]:
     """The `state.json` of `key`'s newest checkpoint ({} if none): its "checkpoint" number,
     "step" and "examples_seen", read without restoring a model."""
-    state = pathlib.Path(run_dir) / "checkpoints" / key / CheckpointStore.STATE_FILE
+    return _read_state(pathlib.Path(run_dir) / "checkpoints" / key)
+
+
+def _read_state(directory: pathlib.Path) -> dict[str, Any]:
+    state = directory / CheckpointStore.STATE_FILE
     return json.loads(state.read_text()) if state.exists() else {}
 
 
