@@ -14,6 +14,7 @@ from pipeline.train.drift import (
     DriftDetection,
     DriftMonitor,
     DriftSettings,
+    NoiseScale,
     PageHinkley,
 )
 from pipeline.train.observers import SessionObserver
@@ -65,7 +66,7 @@ def test_an_abrupt_rise_is_detected_within_2000_examples(detector: str) -> None:
 def test_both_detectors_report_one_change_once() -> None:
     monitor = DriftMonitor(DriftSettings("both"))
     assert monitor.detectors == ("page-hinkley", "adwin")
-    assert monitor.thresholds == {"page-hinkley": 50.0, "adwin": 5.0}
+    assert monitor.thresholds == {"page-hinkley": 15.0, "adwin": 1.5}  # noise units
     values = _learning_curve(3000, seed=5)
     values[2000:] += 40.0
     found = _feed(monitor, values)
@@ -83,7 +84,8 @@ def test_a_short_spike_early_in_training_is_caught() -> None:
 
 
 def test_page_hinkley_statistic_rises_with_the_bound_and_resets_after_detection() -> None:
-    monitor = DriftMonitor(DriftSettings("page-hinkley", threshold=50, delta=2, min_minibatches=5))
+    settings = DriftSettings("page-hinkley", threshold=50, delta=2, min_minibatches=5, units="nats")
+    monitor = DriftMonitor(settings)
     _feed(monitor, [100.0] * 50)
     assert monitor.statistics["page-hinkley"] == pytest.approx(0.0, abs=1e-9)
     monitor.update(130.0, examples_seen=5100)
@@ -185,7 +187,7 @@ def test_adwin_ignores_an_improvement_and_a_single_outlier() -> None:
 
 
 def test_adwin_waits_for_confirmation_and_reports_the_rise() -> None:
-    monitor = DriftMonitor(DriftSettings("adwin", adwin_min_increase=5))
+    monitor = DriftMonitor(DriftSettings("adwin", adwin_min_increase=5, units="nats"))
     rng = np.random.default_rng(4)
     _feed(monitor, 120 + rng.normal(0, NOISE, 300))
     found = []
@@ -197,6 +199,81 @@ def test_adwin_waits_for_confirmation_and_reports_the_rise() -> None:
     assert index >= ADWIN_CONFIRM_MINIBATCHES  # the cut, then the confirming minibatches
     assert detection.statistic == pytest.approx(detection.value - detection.baseline)
     assert detection.statistic == pytest.approx(80, abs=3)
+
+
+@pytest.mark.parametrize("noise", [1.0, 3.3, 20.0])
+def test_the_noise_scale_is_learned_from_a_learning_curve(noise: float) -> None:
+    t = np.arange(5000)
+    curve = 120 + 400 * np.exp(-t / 30) + 80 * np.exp(-t / 2000)
+    values = curve + np.random.default_rng(7).normal(0, noise, len(t))
+    scale = NoiseScale(warmup=29)
+    estimates = []
+    for value in values:
+        scale.update(float(value))
+        estimates.append(scale.value)
+    assert estimates[28] is None and estimates[29] is not None  # after its warm-up
+    assert np.mean(estimates[1000:]) == pytest.approx(noise, rel=0.05)
+    assert noise * 0.7 < min(estimates[1000:]) < max(estimates[1000:]) < noise * 1.3
+    # One jump of 100 noise units moves the estimate by little (clipped at 5).
+    scale.update(float(values[-1] + 100 * noise))
+    assert estimates[-1] < scale.value < 1.1 * estimates[-1]
+
+
+@pytest.mark.parametrize("detector", ["both", "page-hinkley", "adwin"])
+def test_in_noise_units_a_stream_detects_the_same_at_any_scale(detector: str) -> None:
+    # Frey Face's Gaussian bound is ~6 times noisier than MNIST's and of another sign.
+    values = _learning_curve(3000, seed=8)
+    values[2000:] += 40.0
+    found = {}
+    for scale, offset in [(1.0, 0.0), (6.0, -1000.0), (0.1, 5.0)]:
+        monitor = DriftMonitor(DriftSettings(detector))
+        found[scale] = [d.examples_seen for d in _feed(monitor, scale * values + offset)]
+    assert found[1.0] and found[1.0] == found[6.0] == found[0.1]
+    # MNIST's Page-Hinkley thresholds in nats fire again and again on a stationary stream as
+    # noisy as Frey Face's; in noise units, no detector ever does.
+    noisy = -900 + np.random.default_rng(9).normal(0, 20.0, 5000)
+    if detector != "adwin":  # ADWIN's own cut test scales with the noise already
+        in_nats = DriftSettings(detector, threshold=50, delta=2, units="nats")
+        assert len(_feed(DriftMonitor(in_nats), noisy)) > 10
+    assert _feed(DriftMonitor(DriftSettings(detector)), noisy) == []
+
+
+@pytest.mark.parametrize("detector", ["both", "page-hinkley", "adwin"])
+@pytest.mark.parametrize("pause_at", [20, 1000, 2003])
+def test_a_monitor_taken_up_from_its_state_detects_as_one_that_never_stopped(
+    detector: str, pause_at: int
+) -> None:
+    values = _learning_curve(3000, seed=10)
+    values[2000:] += 40.0
+    values[2600:] += 60.0
+    uninterrupted = DriftMonitor(DriftSettings(detector))
+    expected = [(d.examples_seen, d.statistic) for d in _feed(uninterrupted, values)]
+    assert len(expected) >= 2
+
+    first = DriftMonitor(DriftSettings(detector))
+    found = [(d.examples_seen, d.statistic) for d in _feed(first, values[:pause_at])]
+    state = json.loads(json.dumps(first.state()))  # as a checkpoint keeps it
+    resumed = DriftMonitor(DriftSettings(detector))
+    assert resumed.load_state(state)
+    for i, value in enumerate(values[pause_at:], start=pause_at):
+        detection = resumed.update(float(value), examples_seen=MINIBATCH * (i + 1))
+        if detection:
+            found.append((detection.examples_seen, detection.statistic))
+    assert found == expected
+    assert resumed.statistics == uninterrupted.statistics
+
+
+def test_a_state_saved_with_other_settings_is_not_taken_up() -> None:
+    monitor = DriftMonitor(DriftSettings("both"))
+    _feed(monitor, _learning_curve(100, seed=11))
+    state = monitor.state()
+    for other in [DriftSettings("both", threshold=20.0), DriftSettings("page-hinkley")]:
+        fresh = DriftMonitor(other)
+        assert not fresh.load_state(state)
+        assert fresh.noise.value is None  # untouched
+    wrong_river = json.loads(json.dumps(state))
+    wrong_river["detectors"]["adwin"]["river"] = "0.0.1"
+    assert not DriftMonitor(DriftSettings("both")).load_state(wrong_river)
 
 
 def test_non_finite_values_are_ignored() -> None:
@@ -214,6 +291,7 @@ def test_non_finite_values_are_ignored() -> None:
         ({"delta": -1}, "delta must not be negative"),
         ({"adwin_delta": 1.5}, "adwin_delta must be in"),
         ({"min_minibatches": 0}, "min_minibatches"),
+        ({"units": "sigma"}, "unknown drift units"),
     ],
 )
 def test_settings_are_validated(kwargs: dict, message: str) -> None:
@@ -284,7 +362,7 @@ def test_session_logs_snapshots_and_tells_observers_on_drift(
         batch = prototypes[rng.integers(0, 4, 10)]
         session.train(batch if step < 200 else 1 - batch)  # inverted after 2,000 examples
 
-    assert recorder.events[0] == ("open", "sensor-1", {"page-hinkley": 50.0})
+    assert recorder.events[0] == ("open", "sensor-1", {"page-hinkley": 15.0})
     drifts = [e for e in recorder.events if e[0] == "drift"]
     assert len(drifts) >= 1
     first = drifts[0][1]
@@ -299,7 +377,8 @@ def test_session_logs_snapshots_and_tells_observers_on_drift(
     lines = [e for e in read_progress(tmp_path / "progress.jsonl") if "drift" in e]
     assert lines[0]["examples"] == first
     assert lines[0]["drift"]["detector"] == "page-hinkley"
-    assert lines[0]["drift"]["statistic"] > 50
+    assert lines[0]["drift"]["statistic"] > 15
+    assert lines[0]["drift"]["noise_scale"] > 0
     json.dumps(lines[0])  # plain JSON
     # The broken observer did not stop training: every record reached the recorder.
     assert len([e for e in recorder.events if e[0] == "record"]) == 300

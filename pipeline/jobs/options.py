@@ -329,13 +329,22 @@ def add_monitoring_flags(parser: argparse.ArgumentParser) -> None:
         "--drift-threshold",
         type=positive_float,
         default=drift.DEFAULT_PH_THRESHOLD,
-        help="page-hinkley threshold lambda, nats (default %(default)s)",
+        help="page-hinkley threshold lambda, in --drift-units (default %(default)s)",
     )
     parser.add_argument(
         "--drift-delta",
         type=non_negative_float,
         default=drift.DEFAULT_PH_DELTA,
-        help="page-hinkley delta: tolerated rise per minibatch, nats (default %(default)s)",
+        help="page-hinkley delta: tolerated rise per minibatch, in --drift-units "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--drift-units",
+        choices=drift.UNITS,
+        default=drift.DEFAULT_UNITS,
+        help="units of the drift thresholds: noise (multiples of the minibatch noise each "
+        "key's detector learns from its stream, so one setting holds on any data) or nats "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--drift-min-minibatches",
@@ -354,8 +363,8 @@ def add_monitoring_flags(parser: argparse.ArgumentParser) -> None:
         "--adwin-min-increase",
         type=non_negative_float,
         default=drift.DEFAULT_ADWIN_MIN_INCREASE,
-        help="smallest rise of adwin's mean negative bound that counts as drift, nats "
-        "(default %(default)s)",
+        help="smallest rise of adwin's mean negative bound that counts as drift, in "
+        "--drift-units (default %(default)s)",
     )
 
 
@@ -370,6 +379,7 @@ def drift_settings(options: AEVBOptions) -> drift.DriftSettings | None:
         min_minibatches=options.drift_min_minibatches,
         adwin_delta=options.adwin_delta,
         adwin_min_increase=options.adwin_min_increase,
+        units=options.drift_units,
     )
 
 

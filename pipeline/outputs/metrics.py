@@ -191,13 +191,14 @@ class Families:
         self.drift_statistic = gauge(
             "aevb_drift_statistic",
             "Drift detector's current statistic: page-hinkley cumulative sum difference "
-            "(nats), adwin window width (minibatches).",
+            "(in --drift-units: multiples of the learned minibatch noise by default), adwin "
+            "window width (minibatches).",
             ("model", "detector"),
         )
         self.drift_threshold = gauge(
             "aevb_drift_threshold",
-            "Value the drift statistic is compared with: page-hinkley threshold (nats), "
-            "adwin minimum rise of the mean (nats).",
+            "Value the drift statistic is compared with: page-hinkley threshold, adwin "
+            "minimum rise of the mean (both in --drift-units).",
             ("model", "detector"),
         )
 
