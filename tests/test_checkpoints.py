@@ -124,3 +124,24 @@ def test_checkpoint_files_are_written_under_a_temporary_name(tmp_path, monkeypat
         store.save()
     assert [p.name for p in pathlib.Path(tmp_path).glob("ckpt-*")] == ["ckpt-1.npz.tmp"]
     assert _newest(tmp_path) is None
+
+
+def test_the_sessions_own_state_and_arrays_are_restored_with_the_trainer(tmp_path):
+    trainer = _trained(3)
+    store = CheckpointStore(tmp_path, trainer)
+    state = {"drift": {"noise": {"value": 3.3, "_warming": None}}, "regimes": [1, 2]}
+    arrays = {"regimes/1/trainer/model/decoder_hidden/kernel": np.arange(6.0).reshape(2, 3)}
+    path = store.save(state, arrays)
+    with np.load(path, allow_pickle=False) as saved:  # no pickle needed to read it
+        assert "session/state.json" in saved.files
+    resumed = CheckpointStore(tmp_path, vae.Trainer(CONFIG))
+    assert resumed.restore()
+    assert resumed.session_state == state
+    assert resumed.session_arrays.keys() == arrays.keys()
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(resumed.session_arrays[name], array)
+    np.testing.assert_array_equal(_values(resumed.trainer)[0], _values(trainer)[0])
+    # A checkpoint without them (the session had nothing of its own) gives empty ones.
+    store.save()
+    bare = CheckpointStore(tmp_path, vae.Trainer(CONFIG))
+    assert bare.restore() and bare.session_state == {} and bare.session_arrays == {}

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from shared_data import SHARED, needs_data
 
 from pipeline.ingest.decode import content_origin
 from pipeline.train.read_ledger import ReadLedger
@@ -148,3 +149,59 @@ def test_kill_9_at_random_moments_then_restart_trains_every_record_once(
     letters = _dead_letters(run)
     assert len(letters) == 30
     assert len({(x["source"], x["position"]) for x in letters}) == 30
+
+
+def _drift_lines(run: pathlib.Path) -> list[dict]:
+    lines = (run / "progress.jsonl").read_text().splitlines()
+    return [entry["drift"] for entry in map(json.loads, lines) if "drift" in entry]
+
+
+@needs_data
+@pytest.mark.timeout(300)
+def test_a_job_killed_after_its_warm_up_detects_a_later_shift_as_if_it_never_stopped(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The drift detectors' state is in the checkpoint: a job killed (-9) less than a
+    warm-up before an abrupt shift and restarted finds it where an uninterrupted job does,
+    with the same statistic. Detectors starting afresh would still be warming up then."""
+    shift = 20_000
+    flags = [
+        str(pathlib.Path(sys.executable).parent / "aevb"),
+        "train",
+        "--dataset=mnist",
+        f"--data-dir={SHARED}",
+        "--drift=abrupt",
+        f"--phase-examples={shift}",
+        f"--max-examples={shift + 4000}",
+        "--hidden=32",
+        "--latent-dim=4",
+        "--checkpoint-every-steps=5",
+        "--log-every-steps=5",
+    ]
+    _run([*flags, f"--output={tmp_path / 'uninterrupted'}"])
+    expected = _drift_lines(tmp_path / "uninterrupted")
+    assert expected and shift < expected[0]["examples_seen"] <= shift + 2000
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # Slowed down so that the kill lands in the 2,000 examples before the shift (20
+    # minibatches: less than the detectors' warm-up of 30).
+    killed = [*flags, f"--output={run}", "--examples-per-second=2000"]
+    job = subprocess.Popen(killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "checkpoints" / "default" / "state.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not (state.exists() and _examples_seen(run) >= shift - 2000):
+            assert job.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "the job never reached the kill point"
+            time.sleep(0.02)
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.wait(timeout=60)
+    assert shift - 2000 <= _examples_seen(run) < shift, "killed too late to tell"
+    assert _drift_lines(run) == []
+    _run([*flags, f"--output={run}"])
+    found = _drift_lines(run)
+    assert [(d["examples_seen"], d["statistic"]) for d in found] == [
+        (d["examples_seen"], d["statistic"]) for d in expected
+    ]

@@ -4,7 +4,10 @@ The whole `vae.Trainer` state (parameters, Adagrad accumulators, counters, rando
 goes into `ckpt-<N>.npz`, one NumPy array per variable under its object path in the trainer
 (the key `tf.train.Checkpoint(trainer=...)` would give it, less its suffix), written to a
 temporary name and renamed: a crash mid-write leaves the previous checkpoint usable. The last
-few are kept. Not TensorFlow's checkpoint format: its writer took 17 ms for a 784-500-20
+few are kept. What else the session learns goes into the same file, so it is saved and restored
+with the model it belongs to: a JSON document of its own state (the drift detectors', the
+regime library's) and arrays of its own (stored regimes), under names starting `session/`.
+Not TensorFlow's checkpoint format: its writer took 17 ms for a 784-500-20
 trainer's 6.5 MB where NumPy's took 4.5 (measured alternating, 2026-11-29), and a fleet
 writes a checkpoint for every key it trains and evicts. Checkpoints TensorFlow wrote, as
 older versions did, are still restored.
@@ -28,6 +31,7 @@ import logging
 import os
 import pathlib
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -62,6 +66,9 @@ class CheckpointStore:
         self.read_ledger = ReadLedger()
         # The number of the checkpoint restored or last written (None: none yet).
         self.saved_number: int | None = None
+        # What the session saved beside the trainer in the restored checkpoint.
+        self.session_state: dict[str, Any] = {}
+        self.session_arrays: dict[str, np.ndarray] = {}
         # The numbers of the checkpoints on disk, oldest first (None: not listed yet).
         self._kept: list[int] | None = None
 
@@ -87,7 +94,7 @@ class CheckpointStore:
             )
         path = self._path(number)
         if path.exists():
-            _load_arrays(path, self.trainer)
+            self.session_state, self.session_arrays = _load_arrays(path, self.trainer)
         else:  # written by TensorFlow's saver (an older version)
             path = self.directory / f"ckpt-{number}"
             self.trainer.checkpoint().restore(os.fspath(path)).assert_existing_objects_matched()
@@ -109,8 +116,13 @@ class CheckpointStore:
         )
         return True
 
-    def save(self) -> str:
-        """Writes a checkpoint now and returns its path."""
+    def save(
+        self,
+        session_state: Mapping[str, Any] | None = None,
+        session_arrays: Mapping[str, np.ndarray] | None = None,
+    ) -> str:
+        """Writes a checkpoint now and returns its path; `session_state` (JSON-able) and
+        `session_arrays` are the session's own, given back by the `restore` that reads it."""
         self.directory.mkdir(parents=True, exist_ok=True)
         config_path = self.directory / CONFIG_FILE
         if not config_path.exists():
@@ -121,6 +133,11 @@ class CheckpointStore:
         _write_atomically(self._ledger_path(number), json.dumps(self.read_ledger.to_dict()))
         variables = variables_by_path(self.trainer.checkpoint())
         arrays = {path: variable.numpy() for path, variable in variables.items()}
+        for name, array in (session_arrays or {}).items():
+            arrays[SESSION_PREFIX + name] = array
+        if session_state is not None:
+            # A 0-d string array: read back without pickle.
+            arrays[SESSION_STATE] = np.array(json.dumps(session_state))
         path = self._path(number)
         staged = path.with_name(path.name + ".tmp")
         with open(staged, "wb") as handle:
@@ -180,17 +197,33 @@ STEP_PATH = "trainer/_step"
 EXAMPLES_SEEN_PATH = "trainer/_examples_seen"
 
 
-def _load_arrays(path: pathlib.Path, trainer: vae.Trainer) -> None:
-    """Assigns the arrays of the checkpoint at `path` to `trainer`'s variables."""
+# Names of the session's own entries in a checkpoint archive.
+SESSION_PREFIX = "session/"
+SESSION_STATE = "session/state.json"
+
+
+def _load_arrays(
+    path: pathlib.Path, trainer: vae.Trainer
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Assigns the arrays of the checkpoint at `path` to `trainer`'s variables; returns the
+    session's state and arrays saved with them."""
     variables = variables_by_path(trainer.checkpoint())
     with np.load(path) as arrays:
-        if set(arrays.files) != set(variables):
+        trainer_names = {name for name in arrays.files if not name.startswith(SESSION_PREFIX)}
+        if trainer_names != set(variables):
             raise ValueError(
                 f"checkpoint {path} does not hold this trainer's variables: "
-                f"{sorted(set(arrays.files) ^ set(variables))} differ"
+                f"{sorted(trainer_names ^ set(variables))} differ"
             )
         for name, variable in variables.items():
             variable.assign(arrays[name])
+        state = json.loads(str(arrays[SESSION_STATE])) if SESSION_STATE in arrays.files else {}
+        session_arrays = {
+            name.removeprefix(SESSION_PREFIX): arrays[name]
+            for name in arrays.files
+            if name.startswith(SESSION_PREFIX) and name != SESSION_STATE
+        }
+    return state, session_arrays
 
 
 def _numbers_on_disk(directory: pathlib.Path) -> set[int]:

@@ -75,8 +75,8 @@ class TrainingSession:
     `observers` hear of every record, snapshot and drift detection (`SessionObserver`).
     With `drift` settings, a `DriftMonitor` watches the test-then-train negative bound; a
     detection is logged, written to progress.jsonl as a line with a "drift" field, told to
-    the observers, and snapshotted at once (reason "drift"). The detector starts afresh
-    when a session resumes: its state is not checkpointed.
+    the observers, and snapshotted at once (reason "drift"). The detectors' state goes into
+    every checkpoint: a resumed session detects as if it had never stopped.
     """
 
     def __init__(
@@ -120,6 +120,8 @@ class TrainingSession:
         self.observers = tuple(observers)
         self._observer_failures: set[tuple[int, str]] = set()
         self.drift = DriftMonitor(drift) if drift is not None and drift.enabled else None
+        if self.drift is not None and self.resumed:
+            self._restore_drift(self.checkpoints.session_state.get("drift"))
         if reset_optimizer_on_drift and self.drift is None:
             raise ValueError("resetting the optimiser on drift needs a drift detector")
         self.reset_optimizer_on_drift = reset_optimizer_on_drift
@@ -185,9 +187,11 @@ class TrainingSession:
             )
         self._window.add(record)
         self._notify("on_record", record)
-        self._after_step(record)
+        # The detectors first: a checkpoint the cadence writes next holds them as they are
+        # after this very minibatch, like the model.
         if self.drift is not None and record.applied:
             self._watch_drift(record)
+        self._after_step(record)
         return record
 
     def _watch_drift(self, record: TrainingRecord) -> None:
@@ -201,12 +205,13 @@ class TrainingSession:
         self.drift_detections.append(detection)
         logger.warning(
             "%s: drift detected by %s at %d examples seen: statistic %.2f > %.2f "
-            "(minibatch negative bound %.2f nats, baseline %.2f)",
+            "(units of %.3g nats; minibatch negative bound %.2f nats, baseline %.2f)",
             self.key,
             detection.detector,
             detection.examples_seen,
             detection.statistic,
             detection.threshold,
+            detection.noise_scale,
             detection.value,
             detection.baseline,
         )
@@ -226,6 +231,20 @@ class TrainingSession:
             self.trainer.reset_optimizer()
             self._unsaved = True
             logger.info("%s: optimiser state reset (--adaptation reset)", self.key)
+
+    def _restore_drift(self, state: dict[str, Any] | None) -> None:
+        if state is not None and self.drift.load_state(state):
+            logger.info("%s: drift detectors restored from the checkpoint", self.key)
+            return
+        logger.info(
+            "%s: drift detectors start afresh (%s)",
+            self.key,
+            "the checkpoint holds none" if state is None else "saved with other settings",
+        )
+
+    def _session_state(self) -> dict[str, Any]:
+        """What the checkpoint keeps beside the trainer: the drift detectors' state."""
+        return {} if self.drift is None else {"drift": self.drift.state()}
 
     def _notify(self, method: str, *args: Any) -> None:
         for observer in self.observers:
@@ -277,7 +296,7 @@ class TrainingSession:
         with self._lock:
             if not self._unsaved:
                 return
-            self.checkpoints.save()
+            self.checkpoints.save(self._session_state())
             self._unsaved = False
         self._last_checkpoint_step = self.trainer.step
 
