@@ -256,7 +256,7 @@ def test_families_expose_as_prometheus_client_metrics() -> None:
     """Single-process mode: our families' exposition is prometheus-client's own."""
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     families = metrics.Families(registry=ours).all()
-    assert len(families) == 22
+    assert len(families) == 24
     for family in families:
         _exercise(family, family)
         _exercise(_prometheus_client_twin(family, theirs), family)

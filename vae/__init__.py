@@ -21,6 +21,7 @@ _EXPORTS = {
     "UPDATE_CLIP_THRESHOLD": "vae.config",
     "Evaluation": "vae.evaluation",
     "evaluate": "vae.evaluation",
+    "bound_per_example": "vae.evaluation",
     "importance_sampled_log_likelihood": "vae.evaluation",
     "EXPORT_SEED": "vae.export",
     "Exporter": "vae.export",

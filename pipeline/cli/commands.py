@@ -50,6 +50,8 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError(f"--drift {aevb.drift} replays --dataset: use --source dataset")
         if aevb.adaptation == "reset" and detector is None:
             raise ValueError("--adaptation reset acts on drift detections: choose a detector")
+        if aevb.regime_memory and detector is None:
+            raise ValueError("--regime-memory acts on drift detections: choose a detector")
     except ValueError as error:
         raise UsageError(str(error)) from None
     already = checkpointed_examples(run_dir(aevb), aevb.model_key)

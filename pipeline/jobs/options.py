@@ -366,6 +366,14 @@ def add_monitoring_flags(parser: argparse.ArgumentParser) -> None:
         help="smallest rise of adwin's mean negative bound that counts as drift, in "
         "--drift-units (default %(default)s)",
     )
+    parser.add_argument(
+        "--regime-memory",
+        type=non_negative_int,
+        default=0,
+        help="earlier regimes each key keeps (models with their optimiser state): after a "
+        "drift detection the key switches back to one that explains the new data clearly "
+        "better than its current model; 0 (the default) keeps none",
+    )
 
 
 def drift_settings(options: AEVBOptions) -> drift.DriftSettings | None:

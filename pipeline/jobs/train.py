@@ -104,6 +104,7 @@ def build_training_pipeline(
         drift=drift_settings(options),
         reset_optimizer_on_drift=options.adaptation == "reset",
         max_models_in_memory=options.max_models_in_memory,
+        regime_memory=options.regime_memory,
     )
     dead_letters = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
         directory, model_key=options.model_key, prometheus=prometheus

@@ -21,6 +21,11 @@ aevb_last_snapshot_timestamp_seconds{model}            gauge      newest snapsho
 aevb_drift_detections_total{model,detector}            counter    drift detections
 aevb_drift_statistic{model,detector}                   gauge      detector's current statistic
 aevb_drift_threshold{model,detector}                   gauge      what it is compared with
+aevb_regime_switches_total{model}                      counter    returns to a stored regime
+                                                                  (--regime-memory)
+aevb_active_regime{model}                              gauge      id of the regime the model
+                                                                  is of (0 first, new ids
+                                                                  after detections)
 =====================================================  =========  ==============================
 
 Job-level aggregates, which stay a few dozen series however many keys the job trains (with
@@ -200,6 +205,16 @@ class Families:
             "Value the drift statistic is compared with: page-hinkley threshold, adwin "
             "minimum rise of the mean (both in --drift-units).",
             ("model", "detector"),
+        )
+        self.regime_switches = counter(
+            "aevb_regime_switches_total",
+            "Switches back to a stored regime that explained the data after a drift "
+            "detection better than the current model (--regime-memory).",
+        )
+        self.active_regime = gauge(
+            "aevb_active_regime",
+            "Id of the regime the model is of: 0 at the start, a new id after each drift "
+            "detection, a stored one's after a switch back to it (--regime-memory).",
         )
 
         def summed_gauge(name: str, documentation: str, labels=()) -> SummedGaugeFamily:
@@ -454,6 +469,14 @@ class PrometheusObserver(SessionObserver):
             return
         self._metrics.snapshots.labels(model=key).inc()
         self._metrics.last_snapshot.labels(model=key).set(created_unix)
+
+    def on_regime(self, key: str, regime: int, switched: bool) -> None:
+        if not self._per_key:
+            return
+        switches = self._metrics.regime_switches.labels(model=key)  # from 0, as the others
+        if switched:
+            switches.inc()
+        self._metrics.active_regime.labels(model=key).set(regime)
 
 
 def count_rejected(model: str, reason: str, count: int = 1) -> None:

@@ -40,6 +40,7 @@ class BeamCounters(SessionObserver):
         self._skipped = {r: counter("aevb_skipped_steps_total", r) for r in SKIP_REASONS}
         self._snapshots = counter("aevb_snapshots_total")
         self._drift = counter("aevb_drift_detections_total")
+        self._regime_switches = counter("aevb_regime_switches_total")
 
     def on_record(self, record: TrainingRecord) -> None:
         self._examples.inc(record.batch_size)
@@ -53,6 +54,10 @@ class BeamCounters(SessionObserver):
 
     def on_snapshot(self, key: str, path: str, reason: str, created_unix: float) -> None:
         self._snapshots.inc()
+
+    def on_regime(self, key: str, regime: int, switched: bool) -> None:
+        if switched:
+            self._regime_switches.inc()
 
 
 def beam_counter_name(metric: str, label_value: str | None = None) -> str:

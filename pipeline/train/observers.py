@@ -54,3 +54,8 @@ class SessionObserver:
 
     def on_snapshot(self, key: str, path: str, reason: str, created_unix: float) -> None:
         """A snapshot version was written."""
+
+    def on_regime(self, key: str, regime: int, switched: bool) -> None:
+        """With a regime memory: the key's active regime is now `regime` -- at the start,
+        a new one after a detection (`switched` False), or a stored one it went back to
+        (True; the session snapshots right after)."""

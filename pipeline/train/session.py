@@ -36,6 +36,7 @@ from pipeline.train.drift import DriftDetection, DriftMonitor, DriftSettings
 from pipeline.train.observers import SessionObserver
 from pipeline.train.progress import ProgressLog
 from pipeline.train.records import TrainingRecord
+from pipeline.train.regimes import RegimeMemory, Switch
 from pipeline.train.snapshots import SnapshotWriter
 from vae.snapshot_format import read_metadata
 
@@ -77,6 +78,12 @@ class TrainingSession:
     detection is logged, written to progress.jsonl as a line with a "drift" field, told to
     the observers, and snapshotted at once (reason "drift"). The detectors' state goes into
     every checkpoint: a resumed session detects as if it had never stopped.
+
+    With `regime_memory` N, a `RegimeMemory` of up to N earlier regimes: at each detection
+    the ended model is kept, and a stored one that explains the next minibatches clearly
+    better is switched to -- logged, written to progress.jsonl as a "regime" line, told to
+    the observers (`on_regime`) and snapshotted (reason "regime"). The library is part of
+    the checkpoint.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class TrainingSession:
         observers: Sequence[SessionObserver] = (),
         drift: DriftSettings | None = None,
         reset_optimizer_on_drift: bool = False,
+        regime_memory: int = 0,
     ) -> None:
         self.run_dir = pathlib.Path(run_dir)
         self.key = validate_model_key(key)
@@ -124,8 +132,16 @@ class TrainingSession:
             self._restore_drift(self.checkpoints.session_state.get("drift"))
         if reset_optimizer_on_drift and self.drift is None:
             raise ValueError("resetting the optimiser on drift needs a drift detector")
+        if regime_memory and self.drift is None:
+            raise ValueError("a regime memory acts on drift detections: it needs a detector")
         self.reset_optimizer_on_drift = reset_optimizer_on_drift
+        self.regimes = RegimeMemory(self.trainer, regime_memory, key) if regime_memory else None
+        if self.regimes is not None and "regimes" in self.checkpoints.session_state:
+            self.regimes.load(
+                self.checkpoints.session_state["regimes"], self.checkpoints.session_arrays
+            )
         self.drift_detections: list[DriftDetection] = []
+        self.regime_switches: list[Switch] = []
         self._notify_open(self.resumed)
 
     @property
@@ -191,6 +207,10 @@ class TrainingSession:
         # after this very minibatch, like the model.
         if self.drift is not None and record.applied:
             self._watch_drift(record)
+            if self.regimes is not None:
+                self.regimes.observe(record.elbo)
+                if self.regimes.scoring:
+                    self._consider_regimes(batch, record)
         self._after_step(record)
         return record
 
@@ -226,11 +246,51 @@ class TrainingSession:
         )
         self._notify("on_drift", detection)
         self._snapshot("drift")
+        if self.regimes is not None:
+            # Before the reset: the regime that ended is kept with its optimiser state.
+            self.regimes.open_window(detection.examples_seen)
         if self.reset_optimizer_on_drift:
             # After the snapshot, which keeps the model as it was when the data moved.
             self.trainer.reset_optimizer()
             self._unsaved = True
             logger.info("%s: optimiser state reset (--adaptation reset)", self.key)
+
+    def _consider_regimes(self, batch: np.ndarray, record: TrainingRecord) -> None:
+        """While a detection's window is open: whether a stored regime explains the new
+        minibatches better than the current model, and if so the switch to it."""
+        active = self.regimes.active
+        switch = self.regimes.consider(
+            batch, record.elbo, self.drift.noise.value, record.examples_seen
+        )
+        if switch is None:
+            if self.regimes.active != active:  # the window closed: a new regime
+                self._unsaved = True
+                self._notify("on_regime", self.key, self.regimes.active, False)
+            return
+        self._unsaved = True
+        self.regime_switches.append(switch)
+        logger.warning(
+            "%s: back to regime %d (from %d) at %d examples seen: it explains the last %d "
+            "minibatches %.2f nats per example better (margin %.2f)",
+            self.key,
+            switch.to_regime,
+            switch.from_regime,
+            switch.examples_seen,
+            switch.minibatches_scored,
+            switch.advantage_nats,
+            switch.margin_nats,
+        )
+        self.progress.write(
+            {
+                "key": self.key,
+                "step": record.step,
+                "examples": switch.examples_seen,
+                "wall_seconds": round(time.perf_counter() - self._started, 3),
+                "regime": switch.to_dict(),
+            }
+        )
+        self._notify("on_regime", self.key, switch.to_regime, True)
+        self._snapshot("regime")
 
     def _restore_drift(self, state: dict[str, Any] | None) -> None:
         if state is not None and self.drift.load_state(state):
@@ -243,8 +303,12 @@ class TrainingSession:
         )
 
     def _session_state(self) -> dict[str, Any]:
-        """What the checkpoint keeps beside the trainer: the drift detectors' state."""
-        return {} if self.drift is None else {"drift": self.drift.state()}
+        """What the checkpoint keeps beside the trainer: the drift detectors' state and
+        the regime library's bookkeeping (its models: `RegimeMemory.arrays`)."""
+        state = {} if self.drift is None else {"drift": self.drift.state()}
+        if self.regimes is not None:
+            state["regimes"] = self.regimes.state()
+        return state
 
     def _notify(self, method: str, *args: Any) -> None:
         for observer in self.observers:
@@ -296,7 +360,8 @@ class TrainingSession:
         with self._lock:
             if not self._unsaved:
                 return
-            self.checkpoints.save(self._session_state())
+            arrays = self.regimes.arrays() if self.regimes is not None else None
+            self.checkpoints.save(self._session_state(), arrays)
             self._unsaved = False
         self._last_checkpoint_step = self.trainer.step
 
@@ -308,6 +373,8 @@ class TrainingSession:
     def _notify_open(self, resumed: bool) -> None:
         thresholds = self.drift.thresholds if self.drift else None
         self._notify("on_open", self.key, self._last_snapshot_time, thresholds, resumed)
+        if self.regimes is not None:
+            self._notify("on_regime", self.key, self.regimes.active, False)
 
     def close(self, reason: str = "end of run") -> pathlib.Path | None:
         """Final log line, checkpoint and snapshot (unless the newest snapshot is of this very

@@ -91,6 +91,7 @@ class TrainerSpec:
     drift: DriftSettings | None = None
     reset_optimizer_on_drift: bool = False
     max_models_in_memory: int | None = None
+    regime_memory: int = 0
 
 
 class TrainVAE(beam.PTransform):
@@ -109,7 +110,7 @@ class TrainVAE(beam.PTransform):
     opening one more closes the least recently used -- checkpoint, and a snapshot (reason
     "evicted") when it learned since its last -- and drops it (Beam counter
     ``aevb/models_evicted``); its next example restores it from that checkpoint, exactly,
-    with its snapshot cadence; its drift detector starts afresh, as after a restart.
+    with its snapshot cadence, its drift detectors and its regime library.
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class TrainVAE(beam.PTransform):
         drift: DriftSettings | None = None,
         reset_optimizer_on_drift: bool = False,
         max_models_in_memory: int | None = None,
+        regime_memory: int = 0,
     ) -> None:
         super().__init__()
         self.spec = TrainerSpec(
@@ -143,6 +145,7 @@ class TrainVAE(beam.PTransform):
             drift=drift,
             reset_optimizer_on_drift=reset_optimizer_on_drift,
             max_models_in_memory=max_models_in_memory,
+            regime_memory=regime_memory,
         )
         if max_models_in_memory is not None and max_models_in_memory < 1:
             raise ValueError(f"max_models_in_memory must be at least 1, got {max_models_in_memory}")
@@ -475,6 +478,7 @@ def _open_session(
                 observers=[BeamCounters(), *(make() for make in spec.observer_factories)],
                 drift=spec.drift,
                 reset_optimizer_on_drift=spec.reset_optimizer_on_drift,
+                regime_memory=spec.regime_memory,
             )
         elif session is revived:
             session.reopen()  # a stale revived object is dropped instead, never reopened

@@ -1,0 +1,251 @@
+"""A memory of regimes per model key: `--regime-memory N`.
+
+Streams come back: day and night, a machine's modes, a tenant's seasons. Without a memory a
+returning regime is learned again from wherever the model drifted to. With one, each drift
+detection keeps the model of the distribution that just ended -- its parameters and
+optimiser state, as the session had them when the detector fired -- and for a short while
+(`WINDOW_MINIBATCHES`, the detecting minibatch included) scores the new minibatches under
+every stored regime, a forward pass each. A stored regime has returned when, on average over
+at least `MIN_MINIBATCHES`, it explains them better than the current model by a clear margin
+(`MARGIN_NOISE` times the drift detector's learned minibatch noise) and about as well as it
+explained its own data (within `RETURN_NOISE` noise units of its level when it ended): then
+the key switches to it and keeps learning from there, and the model it leaves takes the
+stored one's place. The second test keeps a merely less bad regime from being taken for a
+returning one -- and overwritten by learning a new distribution. A window that ends without a switch
+stores the old model as a regime of its own, and the current one is counted as a new regime.
+
+The library holds at most `capacity` regimes: when full, the one least recently active is
+dropped. Its regimes are arrays by the trainer's variable paths (`vae.checkpoint_writer`):
+the model's parameters and the optimiser's state; the counters and the random generator
+stay with the key. `state` and `arrays` go into the session's checkpoint.
+
+>>> import numpy as np, vae
+>>> trainer = vae.Trainer(vae.VAEConfig(input_dim=4, latent_dim=2, hidden_dim=8, batch_size=2))
+>>> memory = RegimeMemory(trainer, capacity=2)
+>>> memory.open_window(examples_seen=0)          # a detection: keep the model it ended
+>>> for _ in range(WINDOW_MINIBATCHES):          # nothing stored yet to switch to
+...     assert memory.consider(np.eye(4, dtype=np.float32)[:2], -3.0, 1.0, 2) is None
+>>> memory.active, [regime.id for regime in memory.stored]
+(1, [0])
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import statistics
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+import vae
+from vae.checkpoint_writer import variables_by_path
+
+__all__ = [
+    "MARGIN_NOISE",
+    "MIN_MINIBATCHES",
+    "RETURN_NOISE",
+    "WINDOW_MINIBATCHES",
+    "RegimeMemory",
+    "Switch",
+]
+
+# Minibatches after a detection during which the stored regimes are scored, the detecting
+# one included: 2,000 examples at M = 100.
+WINDOW_MINIBATCHES = 20
+# A switch needs this many minibatches scored, and a stored regime ahead of the current
+# model by MARGIN_NOISE noise units on their average: the two bounds are of the same
+# examples, so the difference is far less noisy than either (a regime that really returns
+# is ahead by hundreds of nats).
+MIN_MINIBATCHES = 2
+MARGIN_NOISE = 3.0
+RETURN_NOISE = 5.0
+# A regime's level: the median bound of its last minibatches, robust to the few of the new
+# distribution the detector needed.
+LEVEL_MINIBATCHES = 20
+# The trainer's own counters and random state: they stay with the key, not the regime.
+_KEY_VARIABLES = ("trainer/_step", "trainer/_examples_seen", "trainer/_skipped_steps")
+_KEY_PREFIXES = ("trainer/rng/",)
+
+
+@dataclasses.dataclass
+class Regime:
+    """A stored model: its arrays by variable path, its level (the median bound of its
+    last minibatches, nats per example) and when it was last the active one."""
+
+    id: int
+    arrays: dict[str, np.ndarray]
+    level: float
+    last_active_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Switch:
+    """The key went back to a stored regime: from which, to which, where, and why."""
+
+    key: str
+    from_regime: int
+    to_regime: int
+    examples_seen: int
+    minibatches_scored: int
+    advantage_nats: float  # the regime's mean bound minus the current model's, per example
+    margin_nats: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class RegimeMemory:
+    """The stored regimes of one key's trainer, and the scoring after each detection."""
+
+    def __init__(self, trainer: vae.Trainer, capacity: int, key: str = "") -> None:
+        if capacity < 1:
+            raise ValueError(f"a regime memory holds at least one regime, not {capacity}")
+        self.trainer = trainer
+        self.capacity = capacity
+        self.key = key
+        self.active = 0  # the id of the regime the trainer holds
+        self.stored: list[Regime] = []
+        self._next_id = 1
+        variables = variables_by_path(trainer.checkpoint())
+        self._variables = {
+            path: variable
+            for path, variable in variables.items()
+            if path not in _KEY_VARIABLES and not path.startswith(_KEY_PREFIXES)
+        }
+        paths = {id(variable): path for path, variable in variables.items()}
+        self._parameter_paths = [paths[id(p)] for p in trainer.model.parameters()]
+        self._scorer: vae.VAE | None = None  # built at the first scoring
+        self._recent: collections.deque[float] = collections.deque(maxlen=LEVEL_MINIBATCHES)
+        # After a detection: the model it ended, and the scores so far.
+        self._pending: Regime | None = None
+        self._scored = 0
+        self._current_sum = 0.0
+        self._regime_sums: dict[int, float] = {}
+
+    @property
+    def scoring(self) -> bool:
+        """Whether a detection's window is open."""
+        return self._pending is not None
+
+    def observe(self, bound: float) -> None:
+        """The current model's mean test-then-train bound of a minibatch (its level)."""
+        self._recent.append(bound)
+
+    def open_window(self, examples_seen: int) -> None:
+        """A detection: keeps the trainer's model as the regime that ended, and scores the
+        stored ones on the minibatches to come. A window already open is closed first."""
+        if self._pending is not None:
+            self._close_window(examples_seen)
+        level = statistics.median(self._recent) if self._recent else math.nan
+        self._pending = Regime(self.active, self._current_arrays(), level, examples_seen)
+        self._scored, self._current_sum = 0, 0.0
+        self._regime_sums = {regime.id: 0.0 for regime in self.stored}
+
+    def consider(
+        self, batch: np.ndarray, current_bound: float, noise_scale: float, examples_seen: int
+    ) -> Switch | None:
+        """Scores `batch` under each stored regime against `current_bound` (the current
+        model's mean test-then-train bound of it) while a window is open; switches the
+        trainer to a regime ahead by the margin and returns the switch."""
+        if self._pending is None:
+            return None
+        self._scored += 1
+        self._current_sum += current_bound
+        for regime in self.stored:
+            self._regime_sums[regime.id] += self._score(regime, batch)
+        best = max(self.stored, key=lambda r: self._regime_sums[r.id], default=None)
+        if best is not None and self._scored >= MIN_MINIBATCHES:
+            mean = self._regime_sums[best.id] / self._scored
+            advantage = mean - self._current_sum / self._scored
+            margin = MARGIN_NOISE * noise_scale
+            as_before = mean >= best.level - RETURN_NOISE * noise_scale
+            if advantage > margin and as_before:
+                return self._switch(best, examples_seen, advantage, margin)
+        if self._scored >= WINDOW_MINIBATCHES:
+            self._close_window(examples_seen)
+        return None
+
+    def _switch(
+        self, regime: Regime, examples_seen: int, advantage: float, margin: float
+    ) -> Switch:
+        for path, array in regime.arrays.items():
+            self._variables[path].assign(array)
+        # The model the detection ended takes the returning regime's place.
+        pending, self._pending = self._pending, None
+        self.stored[self.stored.index(regime)] = pending
+        switch = Switch(
+            self.key, self.active, regime.id, examples_seen, self._scored, advantage, margin
+        )
+        self.active = regime.id
+        return switch
+
+    def _close_window(self, examples_seen: int) -> None:
+        """No stored regime explained the new data: the old model is stored as a regime of
+        its own (dropping the least recently active when full) and the current one is new."""
+        pending, self._pending = self._pending, None
+        if len(self.stored) >= self.capacity:
+            oldest = min(self.stored, key=lambda r: r.last_active_examples)
+            self.stored.remove(oldest)
+        pending.last_active_examples = examples_seen
+        self.stored.append(pending)
+        self.active, self._next_id = self._next_id, self._next_id + 1
+
+    def _current_arrays(self) -> dict[str, np.ndarray]:
+        return {path: variable.numpy() for path, variable in self._variables.items()}
+
+    def _score(self, regime: Regime, batch: np.ndarray) -> float:
+        """The mean bound of `batch` under the regime's parameters (a forward pass)."""
+        if self._scorer is None:
+            self._scorer = vae.VAE(self.trainer.config, name="regime_scorer")
+        for variable, path in zip(self._scorer.parameters(), self._parameter_paths, strict=True):
+            variable.assign(regime.arrays[path])
+        bound = vae.bound_per_example(self._scorer, batch, seed=self.trainer.config.seed)
+        return float(bound["elbo"].mean())
+
+    def state(self) -> dict[str, Any]:
+        """The library's bookkeeping, JSON-able (its arrays: `arrays`)."""
+        regimes = [
+            {"id": r.id, "level": r.level, "last_active_examples": r.last_active_examples}
+            for r in [*self.stored, *([self._pending] if self._pending else [])]
+        ]
+        return {
+            "capacity": self.capacity,
+            "active": self.active,
+            "next_id": self._next_id,
+            "stored": regimes[: len(self.stored)],
+            "pending": regimes[len(self.stored)] if self._pending else None,
+            "recent": list(self._recent),
+            "scored": self._scored,
+            "current_sum": self._current_sum,
+            "regime_sums": {str(k): v for k, v in self._regime_sums.items()},
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every stored (and pending) regime's arrays, named `regimes/<id>/<path>`."""
+        named = {}
+        for regime in [*self.stored, *([self._pending] if self._pending else [])]:
+            for path, array in regime.arrays.items():
+                named[f"regimes/{regime.id}/{path}"] = array
+        return named
+
+    def load(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Takes up what `state` and `arrays` saved (a restored checkpoint)."""
+
+        def regime(entry: Mapping[str, Any]) -> Regime:
+            prefix = f"regimes/{entry['id']}/"
+            found = {path: arrays[prefix + path] for path in self._variables}
+            return Regime(entry["id"], found, entry["level"], entry["last_active_examples"])
+
+        self.active, self._next_id = state["active"], state["next_id"]
+        self.stored = [regime(entry) for entry in state["stored"]]
+        # A smaller --regime-memory than the run that saved it: keep the most recent.
+        self.stored.sort(key=lambda r: r.last_active_examples)
+        del self.stored[: max(0, len(self.stored) - self.capacity)]
+        self._pending = regime(state["pending"]) if state["pending"] else None
+        self._recent.extend(state["recent"])
+        self._scored, self._current_sum = state["scored"], state["current_sum"]
+        self._regime_sums = {int(k): v for k, v in state["regime_sums"].items()}
+        self._regime_sums = {r.id: self._regime_sums.get(r.id, 0.0) for r in self.stored}
