@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.drift import POLICIES, STATIONARY_EXAMPLES
+from benchmarks.drift import DEFAULT_REGIME_MEMORY, PROFILES, STATIONARY_EXAMPLES
 from pipeline.ingest.datasets import Dataset
 from pipeline.ingest.scenarios import SCENARIOS
 from pipeline.jobs.options import (
@@ -119,16 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_flags(drift.add_argument_group("data"))
     add_model_flags(drift.add_argument_group("model and learning algorithm"))
-    drift.add_argument("--phase-examples", type=positive_int, default=500_000)
+    drift.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default="full",
+        help="the benchmark's settings: full (changes after 4*10^6 examples, every scenario "
+        "and policy) or quick (10^6, phases of 300,000, three scenarios, the Adagrad policies "
+        "with and without a regime memory); the flags below override it",
+    )
+    drift.add_argument("--phase-examples", type=positive_int)
     drift.add_argument(
         "--stationary-examples",
         type=positive_int,
-        default=STATIONARY_EXAMPLES,
         help="examples of the stationary first phase, the false-alarm run; the changes come "
-        "after them (default %(default)s)",
+        f"after them (full: {STATIONARY_EXAMPLES})",
     )
-    drift.add_argument("--policies", default=",".join(POLICIES))
-    drift.add_argument("--scenarios", default=",".join(SCENARIOS))
+    drift.add_argument(
+        "--policies",
+        help="comma-separated: any --adaptation, P+memory for P with a regime memory",
+    )
+    drift.add_argument("--scenarios")
+    drift.add_argument(
+        "--regime-memory",
+        type=positive_int,
+        default=DEFAULT_REGIME_MEMORY,
+        help="regimes stored by the P+memory policies (default %(default)s)",
+    )
     drift.add_argument("--plot-dir", type=pathlib.Path, help="write one PNG per scenario here")
     drift.add_argument(
         "--curves",
@@ -222,9 +238,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _drift_benchmark(args: argparse.Namespace) -> dict:
     from benchmarks import drift as drift_bench
 
-    policies = [p for p in args.policies.split(",") if p]
-    names = [n for n in args.scenarios.split(",") if n]
-    unknown = set(policies) - set(drift_bench.POLICIES) | set(names) - set(SCENARIOS)
+    profile = drift_bench.PROFILES[args.profile]
+    for name in ("phase_examples", "stationary_examples"):
+        if getattr(args, name) is None:
+            setattr(args, name, profile[name])
+    policies = args.policies.split(",") if args.policies else list(profile["policies"])
+    names = args.scenarios.split(",") if args.scenarios else list(profile["scenarios"])
+    known = {*drift_bench.POLICIES, *(p + drift_bench.MEMORY_SUFFIX for p in drift_bench.POLICIES)}
+    unknown = set(policies) - known | set(names) - set(SCENARIOS)
     if unknown:
         raise UsageError(f"unknown policies or scenarios: {', '.join(sorted(unknown))}")
     args.adaptation = "none"  # each policy sets its own optimiser
@@ -239,7 +260,9 @@ def _drift_benchmark(args: argparse.Namespace) -> dict:
         policies=policies,
         scenario_names=names,
         half_life=args.half_life_examples,
+        regime_memory=args.regime_memory,
     )
+    result["profile"] = args.profile
     curves = result.pop("_curves")
     if args.plot_dir is not None:
         output = writable_directory(args.plot_dir, "--plot-dir")

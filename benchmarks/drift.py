@@ -20,16 +20,28 @@ Per scenario x policy:
 - `false_alarms_per_million`: the policy's detections on the stationary stream, per 10^6;
 - `recovery_examples`: examples after the change until the test-then-train bound, as a
   moving average over RECOVERY_WINDOW examples (placed at the window's middle, and only
-  windows wholly after the change), is back within RECOVERY_NATS of the level the same
-  policy reaches at the end of the post-change phase (its mean bound over the phase's last
-  LEVEL_WINDOW examples);
+  windows wholly after the change), reaches the level `none` (the paper's Adagrad) ends the
+  post-change phase at (its mean bound over the phase's last LEVEL_WINDOW examples): one
+  common level for every policy; for `gradual` counted from the end of the rotation, when
+  the new distribution is in place (None without a `none` run);
+- `self_recovery_examples`: the same until within RECOVERY_NATS of the level the policy
+  itself ends the phase at (a curve's shape: a policy that stops learning meets it soonest);
+- `return_examples` (`recurring`): examples after the return until the moving average is
+  back within RECOVERY_NATS of the policy's own level before the first change;
 - `forgetting_nats`: the bound on the first phase's held-out data at the end of that
   phase minus the same at the end of the run (positive: the model forgot).
 
 Policies: `none` (the paper's Adagrad), `reset` (Adagrad's accumulators restarted at 500
 updates' worth after each detection, at the new data's scale where that is larger), `decay`
 (Adagrad forgetting its accumulators with a half-life), both with their steps clipped when
-the gradients outgrow the accumulators, and RMSProp and Adam as baselines.
+the gradients outgrow the accumulators, and RMSProp and Adam as baselines. `P+memory` is
+policy P with a memory of regimes (`--regime-memory`, `pipeline.train.regimes`); its
+switches are in `regime_switches`. A memory acts only on detections: where P had none
+before the change, P+memory continues a copy of P's learner from there (the same run: P's
+learner keeps a passive memory, which copies the state as an active one would).
+
+`PROFILES` name the benchmark's settings: `full` (the default above) and `quick` (changes
+after 10^6 examples, phases of 300,000, three scenarios, the policies that matter).
 """
 
 from __future__ import annotations
@@ -55,8 +67,11 @@ from pipeline.train.adaptation import (
     adaptation_fields,
 )
 from pipeline.train.drift import DriftMonitor, DriftSettings
+from pipeline.train.regimes import RegimeMemory
 
 POLICIES: tuple[str, ...] = ADAPTATIONS  # every --adaptation of the job
+MEMORY_SUFFIX = "+memory"
+DEFAULT_REGIME_MEMORY = 4
 RECOVERY_NATS = 5.0
 RECOVERY_WINDOW = 2_000
 # The level a policy reaches at the end of a phase: over 2,000 examples, one 20-nat dip of
@@ -67,6 +82,22 @@ HELD_OUT_EXAMPLES = 2_000
 # paper's Adagrad had not slowed enough to matter (docs/benchmarks.md, both runs).
 STATIONARY_EXAMPLES = 4_000_000
 CHUNK_EXAMPLES = 1_000
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {
+        "stationary_examples": STATIONARY_EXAMPLES,
+        "phase_examples": 500_000,
+        "scenarios": scenarios.SCENARIOS,
+        "policies": POLICIES,
+    },
+    # Within 10 minutes on 2 cores: the changes after 10^6 examples, the scenarios that tell
+    # the policies apart (a new regime, a returning one, new classes), the Adagrad policies.
+    "quick": {
+        "stationary_examples": 1_000_000,
+        "phase_examples": 300_000,
+        "scenarios": ("abrupt", "recurring", "class-incremental"),
+        "policies": ("none", "reset", "decay", "reset+memory", "decay+memory"),
+    },
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +110,7 @@ class StreamRun:
     first_phase_bound_at_change: float | None
     first_phase_bound_at_end: float | None
     detectors: tuple[str, ...] = ()  # which detector made each detection
+    switches: list[int] = dataclasses.field(default_factory=list)  # back to a stored regime
 
     def since(self, position: int) -> StreamRun:
         """The same run from `position` on (for plotting around a late change)."""
@@ -89,13 +121,25 @@ class StreamRun:
 class _Learner:
     """A trainer and the drift monitor watching it, with everything it has measured."""
 
-    def __init__(self, config: vae.VAEConfig, drift: DriftSettings, reset_on_drift: bool):
+    def __init__(
+        self,
+        config: vae.VAEConfig,
+        drift: DriftSettings,
+        reset_on_drift: bool,
+        regime_memory: int = 0,
+        switching: bool = True,
+    ):
         self.trainer = vae.Trainer(config)
         self.monitor = DriftMonitor(drift)
         self.reset_on_drift = reset_on_drift
+        self.memory = RegimeMemory(self.trainer, regime_memory) if regime_memory else None
+        # A passive memory (not `switching`) only keeps its copies of the state, for the
+        # active ones its forks will have.
+        self.switching = switching
         self.positions: list[int] = []
         self.bounds: list[float] = []
         self.detections: list[tuple[int, str]] = []
+        self.switches: list[int] = []
 
     def learn(self, stream: scenarios.Scenario, stop: int) -> None:
         """Trains on `stream` from where this learner is up to example `stop`."""
@@ -111,11 +155,24 @@ class _Learner:
                 detection = result.applied and self.monitor.update(-bound, seen)
                 if detection:
                     self.detections.append((seen, detection.detector))
+                    if self.memory is not None and self.switching:  # before the reset
+                        self.memory.open_window(seen)
                     if self.reset_on_drift:
                         self.trainer.reset_optimizer()
+                if self.memory is not None and result.applied:
+                    self._consider_regimes(rows[first : first + batch], bound, seen)
 
-    def fork(self) -> _Learner:
-        """An independent copy that continues exactly as this one would."""
+    def _consider_regimes(self, batch: np.ndarray, bound: float, seen: int) -> None:
+        self.memory.observe(bound)
+        if self.memory.scoring:
+            noise = self.monitor.noise.value
+            if self.memory.consider(batch, bound, noise, seen) is not None:
+                self.switches.append(seen)
+
+    def fork(self, regime_memory: int | None = None) -> _Learner:
+        """An independent copy that continues exactly as this one would; with
+        `regime_memory`, one that switches with a memory of that many regimes from here on
+        (starting from this one's, passive or not)."""
         twin = copy.copy(self)
         config = self.trainer.config
         with tempfile.TemporaryDirectory() as folder:
@@ -124,7 +181,12 @@ class _Learner:
             twin.trainer.checkpoint().read(path).assert_consumed()
         twin.monitor = copy.deepcopy(self.monitor)
         twin.positions, twin.bounds = list(self.positions), list(self.bounds)
-        twin.detections = list(self.detections)
+        twin.detections, twin.switches = list(self.detections), list(self.switches)
+        capacity = regime_memory or (self.memory.capacity if self.memory else 0)
+        twin.memory = RegimeMemory(twin.trainer, capacity) if capacity else None
+        if self.memory is not None and twin.memory is not None:
+            twin.memory.load(self.memory.state(), self.memory.arrays())
+        twin.switching = self.switching or regime_memory is not None
         return twin
 
     def held_out_bound(self, data: np.ndarray) -> float:
@@ -138,13 +200,16 @@ class _Learner:
             bound_at_change,
             self.held_out_bound(held_out) if held_out is not None else None,
             tuple(detector for _, detector in self.detections),
+            list(self.switches),
         )
 
 
 def policy_config(
     policy: str, base: vae.VAEConfig, half_life: float = DEFAULT_HALF_LIFE_EXAMPLES
 ) -> vae.VAEConfig:
-    """`base` with the optimiser `aevb train --adaptation policy` would use."""
+    """`base` with the optimiser `aevb train --adaptation policy` would use (a
+    `P+memory` policy: P's)."""
+    policy = policy.removesuffix(MEMORY_SUFFIX)
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
     config = dataclasses.replace(base, **adaptation_fields(policy, half_life))
@@ -154,7 +219,7 @@ def policy_config(
     return config
 
 
-def recovery_examples(run: StreamRun, change: int, phase_end: int) -> int | None:
+def self_recovery_examples(run: StreamRun, change: int, phase_end: int) -> int | None:
     """Examples after `change` until the windowed bound, past its worst level in the phase
     [change, phase_end), is within RECOVERY_NATS of the level at the end of that phase."""
     level = _level_at_end(run, change, phase_end)
@@ -205,8 +270,10 @@ def drift_benchmark(
     scenario_names: Sequence[str] | None = None,
     drift: DriftSettings = DriftSettings(),
     half_life: float = DEFAULT_HALF_LIFE_EXAMPLES,
+    regime_memory: int = DEFAULT_REGIME_MEMORY,
 ) -> dict[str, Any]:
-    """Runs every policy on the stationary stream and every scenario; one row per pair."""
+    """Runs every policy on the stationary stream and every scenario; one row per pair.
+    `regime_memory` is the library size of the `P+memory` policies."""
     names = [n for n in scenarios.SCENARIOS if not scenario_names or n in scenario_names]
     seed, change, p = base.seed, stationary_examples, phase_examples
     held_out = mnist.test[:HELD_OUT_EXAMPLES]
@@ -222,28 +289,56 @@ def drift_benchmark(
         mnist.train, mnist.train_labels, "0-4,5-9", change, seed, held_out, test_labels
     )
     rows, curves, stationary_detections = [], {}, {}
+    # Each policy's learners where the changes come: the stationary one (plain digits) and
+    # the class-incremental one (digits 0-4), with their held-out bounds there.
+    at_change: dict[str, tuple[_Learner, _Learner | None, float, float | None]] = {}
+
+    def learners_at_change(policy: str) -> tuple[_Learner, _Learner | None, float, float | None]:
+        if policy in at_change:
+            return at_change[policy]
+        base_policy = policy.removesuffix(MEMORY_SUFFIX)
+        memory = regime_memory if policy.endswith(MEMORY_SUFFIX) else 0
+        if memory:
+            # A memory acts only on detections: without any before the change, the policy's
+            # own learners there are this one's too.
+            plain, digits, bound, digits_bound = learners_at_change(base_policy)
+            if not plain.detections and not (digits and digits.detections):
+                twin = digits.fork(memory) if digits is not None else None
+                at_change[policy] = (plain.fork(memory), twin, bound, digits_bound)
+                return at_change[policy]
+        config = policy_config(policy, base, half_life)
+        reset = base_policy == "reset"
+        # P's learners keep a passive memory when P+memory is asked for too.
+        passive = not memory and f"{policy}{MEMORY_SUFFIX}" in policies
+        learner_memory = {"regime_memory": memory or (regime_memory if passive else 0)}
+        learner_memory["switching"] = not passive
+        learner = _Learner(config, drift, reset_on_drift=reset, **learner_memory)
+        learner.learn(stationary, change)
+        digits, digits_bound = None, None
+        if "class-incremental" in names:
+            digits = _Learner(config, drift, reset_on_drift=reset, **learner_memory)
+            digits.learn(classes, change)
+            digits_bound = digits.held_out_bound(classes.test_data(0))
+        at_change[policy] = (learner, digits, learner.held_out_bound(held_out), digits_bound)
+        return at_change[policy]
+
     started = time.perf_counter()
     for policy in policies:
-        config = policy_config(policy, base, half_life)
-        learner = _Learner(config, drift, reset_on_drift=policy == "reset")
-        learner.learn(stationary, change)
+        learner, digits_learner, at_change_bound, digits_at_change = learners_at_change(policy)
         stationary_detections[policy] = [
             {"examples": seen, "detector": detector} for seen, detector in learner.detections
         ]
         false_alarms = len(learner.detections) * 1e6 / change
-        at_change = learner.held_out_bound(held_out)
         runs: dict[str, tuple[_Learner, int, int, float | None, np.ndarray | None]] = {}
         if "class-incremental" in names:
-            digits = _Learner(config, drift, reset_on_drift=policy == "reset")
-            digits.learn(classes, change)
-            first_digits = classes.test_data(0)
-            digits_at_change = digits.held_out_bound(first_digits)
+            digits = digits_learner.fork()
             digits.learn(classes, change + p)
+            first_digits = classes.test_data(0)
             runs["class-incremental"] = (digits, change, change + p, digits_at_change, first_digits)
         if "gradual" in names:
             rotated = learner.fork()
             rotated.learn(rotating_after, change + p)
-            runs["gradual"] = (rotated, change, change + p, at_change, held_out)
+            runs["gradual"] = (rotated, change, change + p, at_change_bound, held_out)
         if "abrupt" in names or "recurring" in names:
             inverted = learner.fork()
             inverted.learn(inverted_after, change + p)
@@ -251,9 +346,15 @@ def drift_benchmark(
                 returned = inverted.fork()
                 # Plain MNIST again: the stationary stream goes on past its first phase.
                 returned.learn(stationary, change + 2 * p)
-                runs["recurring"] = (returned, change + p, change + 2 * p, at_change, held_out)
+                runs["recurring"] = (
+                    returned,
+                    change + p,
+                    change + 2 * p,
+                    at_change_bound,
+                    held_out,
+                )
             if "abrupt" in names:
-                runs["abrupt"] = (inverted, change, change + p, at_change, held_out)
+                runs["abrupt"] = (inverted, change, change + p, at_change_bound, held_out)
         for name in names:
             run_learner, true_change, end, bound_at_change, first_phase = runs[name]
             run = run_learner.run(bound_at_change, first_phase)
@@ -261,26 +362,33 @@ def drift_benchmark(
             forgetting = None
             if run.first_phase_bound_at_change is not None:
                 forgetting = run.first_phase_bound_at_change - run.first_phase_bound_at_end
-            rows.append(
-                {
-                    "scenario": name,
-                    "policy": policy,
-                    "change_examples": true_change,
-                    "detection_delay_examples": after[0] - true_change if after else None,
-                    "detections": run.detections,
-                    "detectors": list(run.detectors),
-                    "false_alarms_per_million": false_alarms,
-                    # The first phase is stationary too (digits 0-4 for class-incremental).
-                    "detections_before_change": sum(d <= change for d in run.detections),
-                    "recovery_examples": recovery_examples(run, true_change, end),
-                    "level_at_end_of_phase": _level_at_end(run, true_change, end),
-                    "forgetting_nats": forgetting,
-                    "final_bound": float(run.bounds[-RECOVERY_WINDOW // base.batch_size :].mean()),
-                }
-            )
+            row = {
+                "scenario": name,
+                "policy": policy,
+                "change_examples": true_change,
+                "detection_delay_examples": after[0] - true_change if after else None,
+                "detections": run.detections,
+                "detectors": list(run.detectors),
+                "false_alarms_per_million": false_alarms,
+                # The first phase is stationary too (digits 0-4 for class-incremental).
+                "detections_before_change": sum(d <= change for d in run.detections),
+                "regime_switches": run.switches,
+                "regime_switches_before_change": sum(w <= change for w in run.switches),
+                "self_recovery_examples": self_recovery_examples(run, true_change, end),
+                "level_at_end_of_phase": _level_at_end(run, true_change, end),
+                "forgetting_nats": forgetting,
+                "final_bound": float(run.bounds[-RECOVERY_WINDOW // base.batch_size :].mean()),
+            }
+            if name == "recurring":
+                before = _level_at_end(run, 0, change)
+                row["level_before_first_change"] = before
+                row["return_examples"] = examples_to_level(
+                    run, true_change, end, before - RECOVERY_NATS
+                )
+            rows.append(row)
             curves[(name, policy)] = run
         curves[("stationary", policy)] = learner.run(None, None)
-    _add_examples_to_reference_level(rows, curves, phase_examples)
+    _add_recovery_to_reference_level(rows, curves, phase_examples)
     return {
         "benchmark": "drift",
         "phase_examples": phase_examples,
@@ -289,6 +397,7 @@ def drift_benchmark(
         "recovery_window_examples": RECOVERY_WINDOW,
         "level_window_examples": LEVEL_WINDOW,
         "half_life_examples": half_life,
+        "regime_memory": regime_memory,
         "baseline_learning_rate": DEFAULT_LEARNING_RATES["rmsprop"],
         "drift": dataclasses.asdict(drift),
         "config": base.to_dict(),
@@ -299,21 +408,24 @@ def drift_benchmark(
     }
 
 
-def _add_examples_to_reference_level(
+def _add_recovery_to_reference_level(
     rows: list[dict[str, Any]],
     curves: dict[tuple[str, str], StreamRun],
     phase_examples: int,
 ) -> None:
-    """`examples_to_reference_level`: examples after the change until a policy's bound
-    reaches the level the paper's Adagrad (`none`) ends the phase at -- how soon it is as
-    good as the reference will ever be in that phase (None without a `none` run)."""
+    """`recovery_examples`: examples after the change until a policy's bound reaches the
+    level the paper's Adagrad (`none`) ends the phase at -- how soon it is as good as the
+    reference will ever be in that phase (None without a `none` run). For `gradual`,
+    counted from the end of the rotation (half a phase after its start)."""
     reference = {r["scenario"]: r["level_at_end_of_phase"] for r in rows if r["policy"] == "none"}
     for row in rows:
         level = reference.get(row["scenario"])
         run = curves[(row["scenario"], row["policy"])]
         change = row["change_examples"]
         end = change + phase_examples
-        row["examples_to_reference_level"] = (
+        if row["scenario"] == "gradual":
+            change += phase_examples // 2
+        row["recovery_examples"] = (
             None if level is None else examples_to_level(run, change, end, level)
         )
 

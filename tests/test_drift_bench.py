@@ -18,7 +18,7 @@ from benchmarks.drift import (
     drift_benchmark,
     examples_to_level,
     policy_config,
-    recovery_examples,
+    self_recovery_examples,
 )
 from pipeline.ingest.datasets import load_dataset
 from pipeline.jobs.options import AEVBOptions, model_config
@@ -39,12 +39,12 @@ def synthetic_run(level_before: float, dip: float, recover_after: int, change: i
 def test_recovery_is_measured_against_the_level_reached_at_the_end_of_the_phase() -> None:
     change = 20_000
     run = synthetic_run(-100.0, dip=50.0, recover_after=10_000, change=change)
-    measured = recovery_examples(run, change, phase_end=60_000)
+    measured = self_recovery_examples(run, change, phase_end=60_000)
     # Within RECOVERY_NATS of the final level once the dip has shrunk to 5 nats: after
     # 9,000 of the 10,000 examples; the centred 2,000-example window places it within a
     # window of that.
     assert abs(measured - 9_000) <= RECOVERY_WINDOW // 2 + 100
-    slower = recovery_examples(
+    slower = self_recovery_examples(
         synthetic_run(-100.0, 50.0, 30_000, change), change, phase_end=60_000
     )
     assert slower > 2.5 * measured
@@ -60,8 +60,8 @@ def test_a_dip_at_the_end_of_the_phase_barely_moves_the_level_recovery_is_measur
     bounds[-5:] -= 20.0
     dipped = dataclasses.replace(steady, bounds=bounds)
     assert LEVEL_WINDOW == 10_000
-    without = recovery_examples(steady, change, phase_end=60_000)
-    with_dip = recovery_examples(dipped, change, phase_end=60_000)
+    without = self_recovery_examples(steady, change, phase_end=60_000)
+    with_dip = self_recovery_examples(dipped, change, phase_end=60_000)
     assert without - 300 <= with_dip < without
 
 
@@ -77,7 +77,7 @@ def test_recovery_from_a_gradual_change_counts_from_its_worst_point() -> None:
         -110.0,
     )
     run = StreamRun(positions, bounds, [], None, None)
-    measured = recovery_examples(run, change, phase_end=80_000)
+    measured = self_recovery_examples(run, change, phase_end=80_000)
     # Within 5 nats of -110 once the climb (3 nats per 1,000) has passed -115: 20,000 + 8,333
     # examples after the change; -120 is passed at 20,000 + 6,667.
     assert abs(measured - 28_333) <= 200
