@@ -11,10 +11,13 @@ import pytest
 import vae
 from benchmarks.drift import (
     LEVEL_WINDOW,
+    MEMORY_SUFFIX,
     POLICIES,
     RECOVERY_NATS,
     RECOVERY_WINDOW,
     StreamRun,
+    _add_recovery_to_reference_level,
+    _level_at_end,
     drift_benchmark,
     examples_to_level,
     policy_config,
@@ -85,6 +88,35 @@ def test_recovery_from_a_gradual_change_counts_from_its_worst_point() -> None:
     assert abs(reference - 26_667) <= 200
 
 
+def test_recovery_is_counted_to_nones_end_level_and_for_gradual_from_the_rotations_end() -> None:
+    change, phase = 20_000, 40_000
+    none = synthetic_run(-100.0, dip=50.0, recover_after=30_000, change=change)
+    faster = synthetic_run(-100.0, dip=50.0, recover_after=10_000, change=change)
+    curves, rows = {}, []
+    for scenario in ("abrupt", "gradual"):
+        for policy, run in (("none", none), ("decay", faster)):
+            curves[(scenario, policy)] = run
+            level = _level_at_end(run, change, change + phase)
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "policy": policy,
+                    "change_examples": change,
+                    "level_at_end_of_phase": level,
+                }
+            )
+    _add_recovery_to_reference_level(rows, curves, phase)
+    recovery = {(r["scenario"], r["policy"]): r["recovery_examples"] for r in rows}
+    # none ends the phase back at -100 (its last 10,000 examples): the faster policy gets
+    # there after its 10,000-example climb, none after its 30,000 -- one common level.
+    assert abs(recovery["abrupt", "decay"] - 10_000) <= RECOVERY_WINDOW // 2 + 100
+    assert abs(recovery["abrupt", "none"] - 30_000) <= RECOVERY_WINDOW // 2 + 100
+    # A gradual change counts from the end of its rotation, half a phase in.
+    assert recovery["gradual", "none"] == recovery["abrupt", "none"] - phase // 2
+    # Already there when the rotation ended: the first window wholly after it, at its middle.
+    assert recovery["gradual", "decay"] == RECOVERY_WINDOW // 2
+
+
 def test_policies_map_to_their_optimisers_as_the_jobs_flags_do() -> None:
     base = vae.VAEConfig()
     assert policy_config("none", base) == base
@@ -98,6 +130,7 @@ def test_policies_map_to_their_optimisers_as_the_jobs_flags_do() -> None:
         assert model_config(flags) == policy_config(policy, base, half_life=1234), policy
     with pytest.raises(ValueError, match="unknown policy"):
         policy_config("sgd", base)
+    assert policy_config("decay" + MEMORY_SUFFIX, base) == policy_config("decay", base)
 
 
 @pytest.mark.slow
@@ -109,11 +142,12 @@ def test_abrupt_shift_is_detected_quickly_and_a_stationary_stream_raises_no_alar
         vae.VAEConfig(),
         phase_examples=20_000,
         stationary_examples=stationary,
-        policies=["none", "reset"],
+        policies=["none", "reset", "reset+memory"],
         scenario_names=["abrupt", "recurring"],
     )
     rows = {(row["scenario"], row["policy"]): row for row in result["results"]}
-    assert set(rows) == {(s, p) for s in ("abrupt", "recurring") for p in ("none", "reset")}
+    policies = ("none", "reset", "reset+memory")
+    assert set(rows) == {(s, p) for s in ("abrupt", "recurring") for p in policies}
     for policy in ("none", "reset"):
         abrupt = rows["abrupt", policy]
         assert abrupt["change_examples"] == stationary
@@ -139,3 +173,17 @@ def test_abrupt_shift_is_detected_quickly_and_a_stationary_stream_raises_no_alar
         np.testing.assert_array_equal(abrupt.bounds[: len(first.bounds)], first.bounds)
         np.testing.assert_array_equal(recurring.bounds[: len(abrupt.bounds)], abrupt.bounds)
         assert recurring.positions[-1] == stationary + 40_000
+    # A regime memory changes nothing where the new regime is new, and switches back when
+    # plain digits return: within three minibatches, back at once to the level before.
+    with_memory, without = rows["recurring", "reset+memory"], rows["recurring", "reset"]
+    np.testing.assert_array_equal(
+        curves["abrupt", "reset+memory"].bounds, curves["abrupt", "reset"].bounds
+    )
+    assert rows["abrupt", "reset+memory"]["regime_switches"] == []
+    [switch] = with_memory["regime_switches"]
+    assert 0 < switch - with_memory["change_examples"] <= 300
+    assert with_memory["return_examples"] <= 2_000
+    returned = curves["recurring", "reset+memory"]
+    after = (returned.positions > switch) & (returned.positions <= switch + 1000)
+    assert returned.bounds[after].mean() > with_memory["level_before_first_change"] - 10
+    assert without["regime_switches"] == []

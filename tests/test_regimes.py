@@ -34,10 +34,10 @@ def stand_in_export(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class Regimes(SessionObserver):
     def __init__(self) -> None:
-        self.events: list[tuple[int, bool]] = []
+        self.events: list[tuple[int, str]] = []
 
-    def on_regime(self, key, regime, switched):
-        self.events.append((regime, switched))
+    def on_regime(self, key, regime, change):
+        self.events.append((regime, change))
 
 
 def _regimes() -> dict[str, np.ndarray]:
@@ -94,7 +94,8 @@ def test_a_returning_regime_is_switched_back_to_and_a_new_one_is_not(
     # C is new: no switch, A and B stored, C the third regime.
     assert session.regimes.active == 2
     assert sorted(regime.id for regime in session.regimes.stored) == [0, 1]
-    assert observer.events == [(0, False), (1, False), (0, True), (2, False)]
+    assert observer.events == [(0, "start"), (1, "new"), (0, "return"), (2, "new")]
+    assert switch.kind == "return"
     # The switch is in progress.jsonl and snapshotted.
     [line] = [e for e in read_progress(tmp_path / "progress.jsonl") if "regime" in e]
     assert line["regime"]["to_regime"] == 0 and line["examples"] == switch.examples_seen
@@ -159,11 +160,12 @@ def test_a_full_library_drops_the_regime_least_recently_active() -> None:
 
 def test_regime_switches_and_the_active_regime_are_metrics() -> None:
     observer = metrics.PrometheusObserver()
-    observer.on_regime("pump-3", 0, switched=False)
-    observer.on_regime("pump-3", 4, switched=False)
-    observer.on_regime("pump-3", 1, switched=True)
+    observer.on_regime("pump-3", 0, "start")
+    observer.on_regime("pump-3", 4, "new")
+    observer.on_regime("pump-3", 1, "return")
     exposed = metrics.generate_latest().decode()
-    assert 'aevb_regime_switches_total{model="pump-3"} 1.0' in exposed
+    assert 'aevb_regime_switches_total{kind="return",model="pump-3"} 1.0' in exposed
+    assert 'aevb_regime_switches_total{kind="rollback",model="pump-3"} 0.0' in exposed
     assert 'aevb_active_regime{model="pump-3"} 1.0' in exposed
 
 
@@ -175,3 +177,34 @@ def test_a_regime_memory_needs_a_detector(tmp_path: pathlib.Path, capsys) -> Non
     flags = ["train", "--regime-memory", "2", "--drift-detector", "none"]
     assert cli.main([*flags, "--output", str(tmp_path / "run")]) == 2
     assert "--regime-memory acts on drift detections" in capsys.readouterr().err
+
+
+def test_a_model_that_breaks_itself_is_rolled_back_not_taken_for_a_new_regime(
+    tmp_path: pathlib.Path,
+) -> None:
+    observer = Regimes()
+    session = _session(tmp_path, memory=2, observers=[observer])
+    stream = _stream("AA")
+    bounds = list(_train(session, stream[:PHASE]))
+    # A burst of large steps, as an unstable optimiser makes: the data stay the same.
+    rng = np.random.default_rng(2)
+    for variable in session.trainer.model.parameters():
+        variable.assign_add(rng.normal(0, 0.5, variable.shape).astype(np.float32))
+    bounds += list(_train(session, stream[PHASE:]))
+
+    [detection] = session.drift_detections
+    [switch] = session.regime_switches
+    assert switch.kind == "rollback"
+    assert switch.from_regime == switch.to_regime == 0 == session.regimes.active
+    assert 0 < switch.examples_seen - detection.examples_seen <= 2 * M
+    assert session.regimes.stored == []  # no regime of its own: the data never changed
+    level = np.mean(bounds[PHASE - 20 : PHASE])
+    after = switch.examples_seen // M
+    assert np.mean(bounds[PHASE : PHASE + 2]) < level - 20  # broken
+    assert abs(np.mean(bounds[after : after + 10]) - level) < 5  # and back
+    assert observer.events == [(0, "start"), (0, "rollback")]
+    reasons = [
+        read_metadata(path)["reason"]
+        for path in version_directories(tmp_path / "snapshots" / "machine-7")
+    ]
+    assert "rollback" in reasons

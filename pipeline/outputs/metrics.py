@@ -21,7 +21,8 @@ aevb_last_snapshot_timestamp_seconds{model}            gauge      newest snapsho
 aevb_drift_detections_total{model,detector}            counter    drift detections
 aevb_drift_statistic{model,detector}                   gauge      detector's current statistic
 aevb_drift_threshold{model,detector}                   gauge      what it is compared with
-aevb_regime_switches_total{model}                      counter    returns to a stored regime
+aevb_regime_switches_total{model,kind}                 counter    returns to a stored regime,
+                                                                  rollbacks after instability
                                                                   (--regime-memory)
 aevb_active_regime{model}                              gauge      id of the regime the model
                                                                   is of (0 first, new ids
@@ -102,7 +103,7 @@ from pipeline.outputs.prometheus_families import (
     value_class,
 )
 from pipeline.train.counters import SKIP_REASONS
-from pipeline.train.observers import SessionObserver
+from pipeline.train.observers import REGIME_SWITCHES, SessionObserver
 
 if TYPE_CHECKING:
     from pipeline.train.drift import DriftDetection
@@ -208,8 +209,10 @@ class Families:
         )
         self.regime_switches = counter(
             "aevb_regime_switches_total",
-            "Switches back to a stored regime that explained the data after a drift "
-            "detection better than the current model (--regime-memory).",
+            "Switches after a drift detection (--regime-memory), by kind: return (to a stored "
+            "regime that explained the new data better than the current model) or rollback "
+            "(to the model from before the detection: the model's own instability).",
+            ("model", "kind"),
         )
         self.active_regime = gauge(
             "aevb_active_regime",
@@ -470,12 +473,13 @@ class PrometheusObserver(SessionObserver):
         self._metrics.snapshots.labels(model=key).inc()
         self._metrics.last_snapshot.labels(model=key).set(created_unix)
 
-    def on_regime(self, key: str, regime: int, switched: bool) -> None:
+    def on_regime(self, key: str, regime: int, change: str) -> None:
         if not self._per_key:
             return
-        switches = self._metrics.regime_switches.labels(model=key)  # from 0, as the others
-        if switched:
-            switches.inc()
+        for kind in REGIME_SWITCHES:  # from 0, as the others
+            switches = self._metrics.regime_switches.labels(model=key, kind=kind)
+            if change == kind:
+                switches.inc()
         self._metrics.active_regime.labels(model=key).set(regime)
 
 

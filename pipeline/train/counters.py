@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from apache_beam.metrics import Metrics
 
-from pipeline.train.observers import SessionObserver
+from pipeline.train.observers import REGIME_SWITCHES, SessionObserver
 
 if TYPE_CHECKING:
     from pipeline.train.drift import DriftDetection
@@ -55,8 +55,8 @@ class BeamCounters(SessionObserver):
     def on_snapshot(self, key: str, path: str, reason: str, created_unix: float) -> None:
         self._snapshots.inc()
 
-    def on_regime(self, key: str, regime: int, switched: bool) -> None:
-        if switched:
+    def on_regime(self, key: str, regime: int, change: str) -> None:
+        if change in REGIME_SWITCHES:
             self._regime_switches.inc()
 
 

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from pipeline.train.records import TrainingRecord
 
 
+# What `on_regime` reports: the session opened, a new regime, and the two kinds of switch.
+REGIME_SWITCHES = ("return", "rollback")
+REGIME_CHANGES = ("start", "new", *REGIME_SWITCHES)
+
+
 class SessionObserver:
     """Hooks called by `TrainingSession`; every one does nothing unless overridden."""
 
@@ -55,7 +60,9 @@ class SessionObserver:
     def on_snapshot(self, key: str, path: str, reason: str, created_unix: float) -> None:
         """A snapshot version was written."""
 
-    def on_regime(self, key: str, regime: int, switched: bool) -> None:
-        """With a regime memory: the key's active regime is now `regime` -- at the start,
-        a new one after a detection (`switched` False), or a stored one it went back to
-        (True; the session snapshots right after)."""
+    def on_regime(self, key: str, regime: int, change: str) -> None:
+        """With a regime memory: the key's active regime is now `regime` after a `change`:
+        "start" (the session opened), "new" (a detection no stored regime explained),
+        "return" (a stored regime came back) or "rollback" (the model went back to its
+        state from before a detection that its own instability caused); the session
+        snapshots after the last two."""

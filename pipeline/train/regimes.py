@@ -14,6 +14,11 @@ stored one's place. The second test keeps a merely less bad regime from being ta
 returning one -- and overwritten by learning a new distribution. A window that ends without a switch
 stores the old model as a regime of its own, and the current one is counted as a new regime.
 
+The model from before the detection is a candidate too: when it is the one ahead -- the data
+are explained as before, only the current model explains them worse -- the detection was the
+model's own instability (a burst of large steps), not a change of the data, and the key rolls
+back to it (a switch of kind "rollback", to the same regime).
+
 "Before the change": the model at the detection has already learned from the minibatches
 the detector needed, and one minibatch of a very different distribution moves it far
 (measured on MNIST after 4*10^4 examples: a single step on inverted digits took the plain
@@ -110,6 +115,10 @@ class Switch:
     minibatches_scored: int
     advantage_nats: float  # the regime's mean bound minus the current model's, per example
     margin_nats: float
+    # "return": a stored regime came back; "rollback": the model from before the detection
+    # explains the data as before and the current one does not -- the model's own
+    # instability (a burst of large steps), not the data, made the bound worse.
+    kind: str = "return"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,7 +182,13 @@ class RegimeMemory:
             before = _Copy(self._current_arrays(), level)
         self._pending = Regime(self.active, before.arrays, before.level, examples_seen)
         self._scored, self._current_sum = 0, 0.0
-        self._regime_sums = {regime.id: 0.0 for regime in self.stored}
+        self._regime_sums = {regime.id: 0.0 for regime in self._candidates()}
+
+    def _candidates(self) -> list[Regime]:
+        """The stored regimes, and the model from before the detection (its id: the active
+        one's): ahead of the current model on data it explains as before, it says the
+        model, not the data, went wrong."""
+        return [*self.stored, self._pending]
 
     def consider(
         self, batch: np.ndarray, current_bound: float, noise_scale: float, examples_seen: int
@@ -185,10 +200,11 @@ class RegimeMemory:
             return None
         self._scored += 1
         self._current_sum += current_bound
-        for regime in self.stored:
+        candidates = self._candidates()
+        for regime in candidates:
             self._regime_sums[regime.id] += self._score(regime, batch)
-        best = max(self.stored, key=lambda r: self._regime_sums[r.id], default=None)
-        if best is not None and self._scored >= MIN_MINIBATCHES:
+        best = max(candidates, key=lambda r: self._regime_sums[r.id])
+        if self._scored >= MIN_MINIBATCHES:
             mean = self._regime_sums[best.id] / self._scored
             advantage = mean - self._current_sum / self._scored
             margin = MARGIN_NOISE * noise_scale
@@ -207,11 +223,19 @@ class RegimeMemory:
         # The copies and levels so far are of the model left behind.
         self._copies, self._since_copy = [], 0
         self._recent.clear()
-        # The model the detection ended takes the returning regime's place.
         pending, self._pending = self._pending, None
-        self.stored[self.stored.index(regime)] = pending
+        kind = "rollback" if regime is pending else "return"
+        if kind == "return":  # the model the detection ended takes the regime's place
+            self.stored[self.stored.index(regime)] = pending
         switch = Switch(
-            self.key, self.active, regime.id, examples_seen, self._scored, advantage, margin
+            self.key,
+            self.active,
+            regime.id,
+            examples_seen,
+            self._scored,
+            advantage,
+            margin,
+            kind,
         )
         self.active = regime.id
         return switch
@@ -293,4 +317,5 @@ class RegimeMemory:
         self._since_copy = state["since_copy"]
         self._scored, self._current_sum = state["scored"], state["current_sum"]
         self._regime_sums = {int(k): v for k, v in state["regime_sums"].items()}
-        self._regime_sums = {r.id: self._regime_sums.get(r.id, 0.0) for r in self.stored}
+        if self._pending is not None:
+            self._regime_sums = {r.id: self._regime_sums[r.id] for r in self._candidates()}

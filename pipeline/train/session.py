@@ -82,7 +82,8 @@ class TrainingSession:
     With `regime_memory` N, a `RegimeMemory` of up to N earlier regimes: at each detection
     the ended model is kept, and a stored one that explains the next minibatches clearly
     better is switched to -- logged, written to progress.jsonl as a "regime" line, told to
-    the observers (`on_regime`) and snapshotted (reason "regime"). The library is part of
+    the observers (`on_regime`) and snapshotted (reason "regime"; "rollback" when the model
+    from before the detection is the one that explains the data). The library is part of
     the checkpoint.
     """
 
@@ -265,16 +266,21 @@ class TrainingSession:
         if switch is None:
             if self.regimes.active != active:  # the window closed: a new regime
                 self._unsaved = True
-                self._notify("on_regime", self.key, self.regimes.active, False)
+                self._notify("on_regime", self.key, self.regimes.active, "new")
             return
         self._unsaved = True
         self.regime_switches.append(switch)
+        what = (
+            f"back to regime {switch.to_regime} (from {switch.from_regime})"
+            if switch.kind == "return"
+            else "rolled back to its state from before the detection (the model's own "
+            "instability, not the data, made the bound worse)"
+        )
         logger.warning(
-            "%s: back to regime %d (from %d) at %d examples seen: it explains the last %d "
-            "minibatches %.2f nats per example better (margin %.2f)",
+            "%s: %s at %d examples seen: it explains the last %d minibatches %.2f nats per "
+            "example better (margin %.2f)",
             self.key,
-            switch.to_regime,
-            switch.from_regime,
+            what,
             switch.examples_seen,
             switch.minibatches_scored,
             switch.advantage_nats,
@@ -289,8 +295,8 @@ class TrainingSession:
                 "regime": switch.to_dict(),
             }
         )
-        self._notify("on_regime", self.key, switch.to_regime, True)
-        self._snapshot("regime")
+        self._notify("on_regime", self.key, switch.to_regime, switch.kind)
+        self._snapshot("regime" if switch.kind == "return" else "rollback")
 
     def _restore_drift(self, state: dict[str, Any] | None) -> None:
         if state is not None and self.drift.load_state(state):
@@ -374,7 +380,7 @@ class TrainingSession:
         thresholds = self.drift.thresholds if self.drift else None
         self._notify("on_open", self.key, self._last_snapshot_time, thresholds, resumed)
         if self.regimes is not None:
-            self._notify("on_regime", self.key, self.regimes.active, False)
+            self._notify("on_regime", self.key, self.regimes.active, "start")
 
     def close(self, reason: str = "end of run") -> pathlib.Path | None:
         """Final log line, checkpoint and snapshot (unless the newest snapshot is of this very
