@@ -66,7 +66,8 @@ from pipeline.train.adaptation import (
     DEFAULT_LEARNING_RATES,
     adaptation_fields,
 )
-from pipeline.train.drift import DriftMonitor, DriftSettings
+from pipeline.train.drift import DriftDetection, DriftMonitor, DriftSettings
+from pipeline.train.instability import SHARE, InstabilityCheck
 from pipeline.train.regimes import RegimeMemory
 
 POLICIES: tuple[str, ...] = ADAPTATIONS  # every --adaptation of the job
@@ -111,6 +112,7 @@ class StreamRun:
     first_phase_bound_at_end: float | None
     detectors: tuple[str, ...] = ()  # which detector made each detection
     switches: list[int] = dataclasses.field(default_factory=list)  # back to a stored regime
+    instabilities: list[int] = dataclasses.field(default_factory=list)  # the model's own
 
     def since(self, position: int) -> StreamRun:
         """The same run from `position` on (for plotting around a late change)."""
@@ -133,6 +135,8 @@ class _Learner:
         self.monitor = DriftMonitor(drift)
         self.reset_on_drift = reset_on_drift
         self.memory = RegimeMemory(self.trainer, regime_memory) if regime_memory else None
+        self.instability = InstabilityCheck()
+        self.instabilities: list[int] = []  # detections the model caused: not drift
         # A passive memory (not `switching`) only keeps its copies of the state, for the
         # active ones its forks will have.
         self.switching = switching
@@ -154,13 +158,32 @@ class _Learner:
                 self.bounds.append(bound)
                 detection = result.applied and self.monitor.update(-bound, seen)
                 if detection:
-                    self.detections.append((seen, detection.detector))
-                    if self.memory is not None and self.switching:  # before the reset
-                        self.memory.open_window(seen)
-                    if self.reset_on_drift:
-                        self.trainer.reset_optimizer()
+                    self._detected(detection, rows[first : first + batch], seen)
+                if result.applied:
+                    self.instability.observe(rows[first : first + batch], result.elbo)
                 if self.memory is not None and result.applied:
                     self._consider_regimes(rows[first : first + batch], bound, seen)
+
+    def _detected(self, detection: DriftDetection, rows: np.ndarray, seen: int) -> None:
+        """As the session: the model's own instability is not drift (with a memory, the
+        model goes back to its copy from before); drift opens the memory's window, then
+        `reset` resets."""
+        rise = detection.value - detection.baseline
+        seed = self.trainer.config.seed
+        noise = self.monitor.noise.value
+        model = self.trainer.model
+        unstable, earlier_rise = self.instability.is_instability(model, rows, rise, noise, seed)
+        if unstable:
+            self.instabilities.append(seen)
+            memory = self.memory if self.switching else None
+            if memory is not None and memory.roll_back(seen, earlier_rise, rise * SHARE):
+                self.switches.append(seen)
+            return
+        self.detections.append((seen, detection.detector))
+        if self.memory is not None and self.switching:  # before the reset
+            self.memory.open_window(seen)
+        if self.reset_on_drift:
+            self.trainer.reset_optimizer()
 
     def _consider_regimes(self, batch: np.ndarray, bound: float, seen: int) -> None:
         self.memory.observe(bound)
@@ -182,6 +205,8 @@ class _Learner:
         twin.monitor = copy.deepcopy(self.monitor)
         twin.positions, twin.bounds = list(self.positions), list(self.bounds)
         twin.detections, twin.switches = list(self.detections), list(self.switches)
+        twin.instabilities = list(self.instabilities)
+        twin.instability = copy.deepcopy(self.instability)
         capacity = regime_memory or (self.memory.capacity if self.memory else 0)
         twin.memory = RegimeMemory(twin.trainer, capacity) if capacity else None
         if self.memory is not None and twin.memory is not None:
@@ -201,6 +226,7 @@ class _Learner:
             self.held_out_bound(held_out) if held_out is not None else None,
             tuple(detector for _, detector in self.detections),
             list(self.switches),
+            list(self.instabilities),
         )
 
 
@@ -373,6 +399,7 @@ def drift_benchmark(
                 # The first phase is stationary too (digits 0-4 for class-incremental).
                 "detections_before_change": sum(d <= change for d in run.detections),
                 "regime_switches": run.switches,
+                "instabilities": run.instabilities,
                 "regime_switches_before_change": sum(w <= change for w in run.switches),
                 "self_recovery_examples": self_recovery_examples(run, true_change, end),
                 "level_at_end_of_phase": _level_at_end(run, true_change, end),

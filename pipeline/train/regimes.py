@@ -215,6 +215,21 @@ class RegimeMemory:
             self._close_window(examples_seen)
         return None
 
+    def roll_back(
+        self, examples_seen: int, evidence_nats: float, margin_nats: float
+    ) -> Switch | None:
+        """Puts the older copy of the state back: a detection the model's own instability
+        caused (`pipeline.train.instability`, whose `evidence_nats` and `margin_nats` the
+        switch reports); None without a copy yet."""
+        if not self._copies:
+            return None
+        before = self._copies[0]
+        if self._pending is not None:  # an open window is about another change: closed
+            self._close_window(examples_seen)
+        self._pending = Regime(self.active, before.arrays, before.level, examples_seen)
+        self._scored = 0
+        return self._switch(self._pending, examples_seen, evidence_nats, margin_nats)
+
     def _switch(
         self, regime: Regime, examples_seen: int, advantage: float, margin: float
     ) -> Switch:

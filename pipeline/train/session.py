@@ -33,6 +33,7 @@ import vae
 from pipeline.ingest.keys import validate_model_key
 from pipeline.train.checkpoints import CheckpointStore
 from pipeline.train.drift import DriftDetection, DriftMonitor, DriftSettings
+from pipeline.train.instability import SHARE, InstabilityCheck
 from pipeline.train.observers import SessionObserver
 from pipeline.train.progress import ProgressLog
 from pipeline.train.records import TrainingRecord
@@ -77,7 +78,10 @@ class TrainingSession:
     With `drift` settings, a `DriftMonitor` watches the test-then-train negative bound; a
     detection is logged, written to progress.jsonl as a line with a "drift" field, told to
     the observers, and snapshotted at once (reason "drift"). The detectors' state goes into
-    every checkpoint: a resumed session detects as if it had never stopped.
+    every checkpoint: a resumed session detects as if it had never stopped. A detection the
+    model caused itself (`InstabilityCheck`: the examples it learned a while ago got worse
+    as much as the new ones) is not drift: logged and written to progress.jsonl as an
+    "instability" line, without snapshot or reset.
 
     With `regime_memory` N, a `RegimeMemory` of up to N earlier regimes: at each detection
     the ended model is kept, and a stored one that explains the next minibatches clearly
@@ -142,6 +146,13 @@ class TrainingSession:
                 self.checkpoints.session_state["regimes"], self.checkpoints.session_arrays
             )
         self.drift_detections: list[DriftDetection] = []
+        # Detections the model caused (`pipeline.train.instability`), not counted as drift.
+        self.instabilities: list[DriftDetection] = []
+        self.instability = InstabilityCheck()
+        if "instability" in self.checkpoints.session_state:
+            self.instability.load(
+                self.checkpoints.session_state["instability"], self.checkpoints.session_arrays
+            )
         self.regime_switches: list[Switch] = []
         self._notify_open(self.resumed)
 
@@ -207,7 +218,8 @@ class TrainingSession:
         # The detectors first: a checkpoint the cadence writes next holds them as they are
         # after this very minibatch, like the model.
         if self.drift is not None and record.applied:
-            self._watch_drift(record)
+            self._watch_drift(batch, record)
+            self.instability.observe(batch, result.elbo)
             if self.regimes is not None:
                 self.regimes.observe(record.elbo)
                 if self.regimes.scoring:
@@ -215,13 +227,20 @@ class TrainingSession:
         self._after_step(record)
         return record
 
-    def _watch_drift(self, record: TrainingRecord) -> None:
+    def _watch_drift(self, batch: np.ndarray, record: TrainingRecord) -> None:
         detection = self.drift.update(
             -record.elbo, record.examples_seen, key=self.key, step=record.step
         )
         for detector, statistic in self.drift.statistics.items():
             self._notify("on_drift_statistic", self.key, detector, statistic)
         if detection is None:
+            return
+        rise = detection.value - detection.baseline  # nats: the negative bound rose
+        unstable, earlier_rise = self.instability.is_instability(
+            self.trainer.model, batch, rise, self.drift.noise.value, self.trainer.config.seed
+        )
+        if unstable:
+            self._model_instability(detection, earlier_rise)
             return
         self.drift_detections.append(detection)
         logger.warning(
@@ -256,6 +275,34 @@ class TrainingSession:
             self._unsaved = True
             logger.info("%s: optimiser state reset (--adaptation reset)", self.key)
 
+    def _model_instability(self, detection: DriftDetection, earlier_rise: float) -> None:
+        """A detection the model caused: it explains the examples it learned a while ago
+        about as much worse as the new ones. Not drift: no drift snapshot, no reset; with a
+        regime memory, the model goes back to its copy from before."""
+        self.instabilities.append(detection)
+        logger.warning(
+            "%s: the bound rose by %.2f nats at %d examples seen, but the examples learned "
+            "10-20 minibatches ago rose by %.2f: the model's own instability, not drift",
+            self.key,
+            detection.value - detection.baseline,
+            detection.examples_seen,
+            earlier_rise,
+        )
+        self.progress.write(
+            {
+                "key": self.key,
+                "step": self.trainer.step,
+                "examples": detection.examples_seen,
+                "wall_seconds": round(time.perf_counter() - self._started, 3),
+                "instability": {**detection.to_dict(), "earlier_rise_nats": earlier_rise},
+            }
+        )
+        if self.regimes is not None:
+            rise = detection.value - detection.baseline
+            switch = self.regimes.roll_back(detection.examples_seen, earlier_rise, SHARE * rise)
+            if switch is not None:
+                self._switched(switch, detection.step)
+
     def _consider_regimes(self, batch: np.ndarray, record: TrainingRecord) -> None:
         """While a detection's window is open: whether a stored regime explains the new
         minibatches better than the current model, and if so the switch to it."""
@@ -268,6 +315,9 @@ class TrainingSession:
                 self._unsaved = True
                 self._notify("on_regime", self.key, self.regimes.active, "new")
             return
+        self._switched(switch, record.step)
+
+    def _switched(self, switch: Switch, step: int | None) -> None:
         self._unsaved = True
         self.regime_switches.append(switch)
         what = (
@@ -289,7 +339,7 @@ class TrainingSession:
         self.progress.write(
             {
                 "key": self.key,
-                "step": record.step,
+                "step": step,
                 "examples": switch.examples_seen,
                 "wall_seconds": round(time.perf_counter() - self._started, 3),
                 "regime": switch.to_dict(),
@@ -311,7 +361,9 @@ class TrainingSession:
     def _session_state(self) -> dict[str, Any]:
         """What the checkpoint keeps beside the trainer: the drift detectors' state and
         the regime library's bookkeeping (its models: `RegimeMemory.arrays`)."""
-        state = {} if self.drift is None else {"drift": self.drift.state()}
+        if self.drift is None:
+            return {}
+        state = {"drift": self.drift.state(), "instability": self.instability.state()}
         if self.regimes is not None:
             state["regimes"] = self.regimes.state()
         return state
@@ -366,7 +418,9 @@ class TrainingSession:
         with self._lock:
             if not self._unsaved:
                 return
-            arrays = self.regimes.arrays() if self.regimes is not None else None
+            arrays = self.instability.arrays() if self.drift is not None else {}
+            if self.regimes is not None:
+                arrays.update(self.regimes.arrays())
             self.checkpoints.save(self._session_state(), arrays)
             self._unsaved = False
         self._last_checkpoint_step = self.trainer.step
