@@ -156,14 +156,14 @@ def test_grafana_provisioning_files() -> None:
 @pytest.fixture(scope="module")
 def exposed_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Sample names the exporter exposes after a short run of the real job (batch, files
-    source with one bad file, default drift detector), in this process."""
+    source with one bad file, default drift detector, a regime memory), in this process."""
     root = tmp_path_factory.mktemp("exposed")
     inputs = root / "in"
     inputs.mkdir()
     rng = np.random.default_rng(0)
     np.save(inputs / "good.npy", (rng.random((60, 8)) > 0.5).astype(np.float32))
     np.save(inputs / "bad.npy", np.ones((2, 3), np.float32))  # wrong width: a dead letter
-    _run_small_job(root, "exposed")
+    _run_small_job(root, "exposed", "--regime-memory=2")
     text = metrics.generate_latest().decode()
     names = set()
     for family in text_string_to_metric_families(text):
