@@ -45,11 +45,12 @@ import vae
 
 __all__ = ["LAG_MINIBATCHES", "ROWS", "SAME_NOISE", "SHARE", "InstabilityCheck"]
 
-ROWS = 32
+ROWS = 16
 LAG_MINIBATCHES = 10
 SHARE = 0.5
-# Two means of one distribution, of ROWS and of a minibatch, differ by about twice the
-# minibatch noise: five is far for them, near for two distributions a detection tells apart.
+# Two means of one distribution, of ROWS and of a minibatch (M = 100), differ by about 2.7
+# times the minibatch noise: five is far for them, near for two distributions a detection
+# tells apart.
 SAME_NOISE = 5.0
 
 
