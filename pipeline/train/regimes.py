@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 
 import vae
-from vae.checkpoint_writer import variables_by_path
 
 __all__ = [
     "MARGIN_NOISE",
@@ -136,6 +135,10 @@ class RegimeMemory:
         self.active = 0  # the id of the regime the trainer holds
         self.stored: list[Regime] = []
         self._next_id = 1
+        # Imports TensorFlow: here, so that importing this module (its constants, for flag
+        # parsers and benchmarks' command lines) does not.
+        from vae.checkpoint_writer import variables_by_path
+
         variables = variables_by_path(trainer.checkpoint())
         self._variables = {
             path: variable
