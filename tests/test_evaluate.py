@@ -12,6 +12,7 @@ from vae.config import VAEConfig
 from vae.evaluation import (
     Evaluation,
     bound_per_example,
+    bound_with_parameters,
     evaluate,
     importance_sampled_log_likelihood,
 )
@@ -219,3 +220,25 @@ def test_evaluate_averages_the_per_example_numbers(trained: VAE, held_out: np.nd
 def test_evaluate_rejects_an_empty_data_set(trained: VAE) -> None:
     with pytest.raises(ValueError, match="cannot evaluate on an empty data set"):
         evaluate(trained, np.zeros((0, 20), np.float32))
+
+
+def test_a_bound_under_given_parameters_is_the_models_own_and_compiles_once() -> None:
+    config = VAEConfig(input_dim=6, latent_dim=2, hidden_dim=4, seed=11)
+    data = np.random.default_rng(1).integers(0, 2, (9, 6)).astype(np.float32)
+    models = [VAE(dataclasses.replace(config, seed=seed)) for seed in (1, 2, 3)]
+    config_models = [VAE(config, parameters=m.parameters()) for m in models]  # same config
+    for model in config_models:
+        expected = bound_per_example(model, data, seed=4)["elbo"]
+        measured = bound_with_parameters(config, model.parameters(), data, seed=4)
+        np.testing.assert_allclose(measured, expected, rtol=1e-6)
+    # NumPy arrays do as well; and one scratch model, so one compiled function, served all.
+    arrays = [p.numpy() for p in config_models[0].parameters()]
+    np.testing.assert_allclose(
+        bound_with_parameters(config, arrays, data, seed=4),
+        bound_per_example(config_models[0], data, seed=4)["elbo"],
+        rtol=1e-6,
+    )
+    from vae import evaluation
+
+    scratch = evaluation._scorers[config][0]
+    assert evaluation._compiled_bound(scratch).experimental_get_tracing_count() == 1

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Evaluation": "vae.evaluation",
     "evaluate": "vae.evaluation",
     "bound_per_example": "vae.evaluation",
+    "bound_with_parameters": "vae.evaluation",
     "importance_sampled_log_likelihood": "vae.evaluation",
     "EXPORT_SEED": "vae.export",
     "Exporter": "vae.export",

@@ -16,11 +16,14 @@ inequality its expectation lies between the bound and log p(x), and it tightens 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from vae.config import VAEConfig
 from vae.model import VAE
 
 DEFAULT_IMPORTANCE_SAMPLES = 5000
@@ -127,6 +130,33 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
 
 # Compiled once per model: a new tf.function per call would retrace at every evaluation,
 # which periodic evaluation during training does thousands of times.
+def bound_with_parameters(
+    config: VAEConfig,
+    parameters: Sequence[np.ndarray | tf.Variable],
+    data: np.ndarray,
+    seed: int = 0,
+) -> np.ndarray:
+    """The SGVB bound of every row of `data` under a model of `config` whose parameters are
+    `parameters` (in `VAE.parameters()` order).
+
+    One scratch model, and so one compiled function, per config in a process: scoring the
+    models of many keys (a fleet, each after its drift detection) compiles once, where
+    `bound_per_example` on each key's own model would trace a function per model (~0.2 s).
+    """
+    with _scorers_lock:
+        if config not in _scorers:
+            _scorers[config] = (VAE(config, name="scorer"), threading.Lock())
+        model, lock = _scorers[config]
+    with lock:  # the scratch model's parameters are shared by every caller's threads
+        for variable, value in zip(model.parameters(), parameters, strict=True):
+            variable.assign(value)
+        return bound_per_example(model, data, seed=seed)["elbo"]
+
+
+_scorers: dict[VAEConfig, tuple[VAE, threading.Lock]] = {}
+_scorers_lock = threading.Lock()
+
+
 _compiled: weakref.WeakKeyDictionary[VAE, dict[str, tf.types.experimental.GenericFunction]] = (
     weakref.WeakKeyDictionary()
 )

@@ -147,7 +147,6 @@ class RegimeMemory:
         }
         paths = {id(variable): path for path, variable in variables.items()}
         self._parameter_paths = [paths[id(p)] for p in trainer.model.parameters()]
-        self._scorer: vae.VAE | None = None  # built at the first scoring
         self._recent: collections.deque[float] = collections.deque(maxlen=LEVEL_MINIBATCHES)
         # Copies of the state, older first, and the minibatches observed since the last.
         self._copies: list[_Copy] = []
@@ -274,12 +273,9 @@ class RegimeMemory:
 
     def _score(self, regime: Regime, batch: np.ndarray) -> float:
         """The mean bound of `batch` under the regime's parameters (a forward pass)."""
-        if self._scorer is None:
-            self._scorer = vae.VAE(self.trainer.config, name="regime_scorer")
-        for variable, path in zip(self._scorer.parameters(), self._parameter_paths, strict=True):
-            variable.assign(regime.arrays[path])
-        bound = vae.bound_per_example(self._scorer, batch, seed=self.trainer.config.seed)
-        return float(bound["elbo"].mean())
+        config = self.trainer.config
+        parameters = [regime.arrays[path] for path in self._parameter_paths]
+        return float(vae.bound_with_parameters(config, parameters, batch, config.seed).mean())
 
     def state(self) -> dict[str, Any]:
         """The library's bookkeeping, JSON-able (its arrays: `arrays`)."""
