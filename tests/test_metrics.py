@@ -105,7 +105,7 @@ def test_observer_exposes_every_metric_with_a_model_label() -> None:
     assert _value(text, "aevb_last_snapshot_timestamp_seconds", model="obs-a") == 2000.0
     # No per-example labels: every aevb series has a model label, and only these labels,
     # but the job-level aggregates, which have none.
-    allowed = {"model", "reason", "detector", "le"}
+    allowed = {"model", "reason", "detector", "kind", "le"}
     for name, labels in _samples(text):
         if name.startswith("aevb_") and not name.startswith("aevb_fleet_"):
             assert "model" in dict(labels) and set(dict(labels)) <= allowed, (name, labels)
