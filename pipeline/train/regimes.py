@@ -6,18 +6,20 @@ detection keeps the model of the distribution that just ended -- its parameters 
 optimiser state from before the change -- and for a short while
 (`WINDOW_MINIBATCHES`, the detecting minibatch included) scores the new minibatches under
 every stored regime, a forward pass each. A stored regime has returned when, on average over
-at least `MIN_MINIBATCHES`, it explains them better than the current model by a clear margin
-(`MARGIN_NOISE` times the drift detector's learned minibatch noise) and about as well as it
-explained its own data (within `RETURN_NOISE` noise units of its level when it ended): then
-the key switches to it and keeps learning from there, and the model it leaves takes the
-stored one's place. The second test keeps a merely less bad regime from being taken for a
-returning one -- and overwritten by learning a new distribution. A window that ends without a switch
+at least `MIN_MINIBATCHES`, it explains them better by a clear margin (`MARGIN_NOISE` times
+the drift detector's learned minibatch noise) than both the current model and the model the
+detection ended, and about as well as it explained its own data (within `RETURN_NOISE` noise
+units of its level when it ended): then the key switches to it and keeps learning from
+there, and the model the detection ended takes the stored one's place. Against the current
+model alone, an older regime would win whenever the current model is briefly worse -- after
+`--adaptation reset`'s first large steps, measured: four switches back to less rotated
+models during a slow rotation, which undid the adaptation. The level test keeps a merely
+less bad regime from being taken for a returning one -- and overwritten by learning a new
+distribution. A window that ends without a switch
 stores the old model as a regime of its own, and the current one is counted as a new regime.
-
-The model from before the detection is a candidate too: when it is the one ahead -- the data
-are explained as before, only the current model explains them worse -- the detection was the
-model's own instability (a burst of large steps), not a change of the data, and the key rolls
-back to it (a switch of kind "rollback", to the same regime).
+A detection the model's own instability caused (`pipeline.train.instability`) opens no
+window: the key rolls back to its copy from before (`roll_back`, a switch of kind
+"rollback", to the same regime).
 
 "Before the change": the model at the detection has already learned from the minibatches
 the detector needed, and one minibatch of a very different distribution moves it far
@@ -114,9 +116,8 @@ class Switch:
     minibatches_scored: int
     advantage_nats: float  # the regime's mean bound minus the current model's, per example
     margin_nats: float
-    # "return": a stored regime came back; "rollback": the model from before the detection
-    # explains the data as before and the current one does not -- the model's own
-    # instability (a burst of large steps), not the data, made the bound worse.
+    # "return": a stored regime came back; "rollback": the model went back to its copy from
+    # before a detection its own instability caused (a burst of large steps), not the data.
     kind: str = "return"
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,9 +188,8 @@ class RegimeMemory:
         self._regime_sums = {regime.id: 0.0 for regime in self._candidates()}
 
     def _candidates(self) -> list[Regime]:
-        """The stored regimes, and the model from before the detection (its id: the active
-        one's): ahead of the current model on data it explains as before, it says the
-        model, not the data, went wrong."""
+        """What a window scores: the stored regimes, and the model the detection ended (its
+        id: the active one's), which a returning regime must beat too."""
         return [*self.stored, self._pending]
 
     def consider(
@@ -202,13 +202,13 @@ class RegimeMemory:
             return None
         self._scored += 1
         self._current_sum += current_bound
-        candidates = self._candidates()
-        for regime in candidates:
+        for regime in self._candidates():
             self._regime_sums[regime.id] += self._score(regime, batch)
-        best = max(candidates, key=lambda r: self._regime_sums[r.id])
-        if self._scored >= MIN_MINIBATCHES:
+        best = max(self.stored, key=lambda r: self._regime_sums[r.id], default=None)
+        if best is not None and self._scored >= MIN_MINIBATCHES:
             mean = self._regime_sums[best.id] / self._scored
-            advantage = mean - self._current_sum / self._scored
+            rival = max(self._current_sum, self._regime_sums[self._pending.id])
+            advantage = mean - rival / self._scored
             margin = MARGIN_NOISE * noise_scale
             as_before = mean >= best.level - RETURN_NOISE * noise_scale
             if advantage > margin and as_before:
