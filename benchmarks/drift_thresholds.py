@@ -154,8 +154,9 @@ def evaluate(output: pathlib.Path) -> None:
             DriftSettings("page-hinkley", threshold=t, delta=d)
             for t, d in ((10, 0.6), (12, 0.6), (15, 0.3), (15, 0.6), (20, 0.6))
         ]
-        + [DriftSettings("adwin", adwin_min_increase=r) for r in (1.0, 1.5, 2.0)]
-        + [DriftSettings("both", threshold=t) for t in (12, 15)]  # 15: the default
+        + [DriftSettings("adwin", adwin_min_increase=r) for r in (1.0, 1.5, 1.75, 2.0)]
+        + [DriftSettings("both", threshold=t, adwin_min_increase=1.5) for t in (12, 15)]
+        + [DriftSettings("both")]  # the default: 15, 0.6, 1.75
     )
     for settings in candidates:
         false_stationary = _detections(settings, stationary)

@@ -74,7 +74,7 @@ DEFAULT_PH_THRESHOLD = 15.0
 DEFAULT_PH_DELTA = 0.6
 DEFAULT_MIN_MINIBATCHES = 30
 DEFAULT_ADWIN_DELTA = 0.002
-DEFAULT_ADWIN_MIN_INCREASE = 1.5
+DEFAULT_ADWIN_MIN_INCREASE = 1.75
 ADWIN_CONFIRM_MINIBATCHES = 3
 # The minibatch noise (nats) of the MNIST stream ADWIN's delta was chosen on, and by how
 # much (a log ratio: a quarter) the noise moves before ADWIN restarts at the new scale.
