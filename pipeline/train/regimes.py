@@ -107,7 +107,8 @@ class _Copy:
 
 @dataclasses.dataclass(frozen=True)
 class Switch:
-    """The key went back to a stored regime: from which, to which, where, and why."""
+    """The key switched models -- back to a stored regime, or rolled back to its copy from
+    before an instability: from which regime, to which, where, and why."""
 
     key: str
     from_regime: int
@@ -202,7 +203,8 @@ class RegimeMemory:
             return None
         self._scored += 1
         self._current_sum += current_bound
-        for regime in self._candidates():
+        # Nothing stored, nothing to switch to: the window only waits to store the ended model.
+        for regime in self._candidates() if self.stored else []:
             self._regime_sums[regime.id] += self._score(regime, batch)
         best = max(self.stored, key=lambda r: self._regime_sums[r.id], default=None)
         if best is not None and self._scored >= MIN_MINIBATCHES:
