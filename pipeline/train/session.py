@@ -240,7 +240,7 @@ class TrainingSession:
             self.trainer.model, batch, rise, self.drift.noise.value, self.trainer.config.seed
         )
         if unstable:
-            self._model_instability(detection, earlier_rise)
+            self._model_instability(detection, rise, earlier_rise)
             return
         self.drift_detections.append(detection)
         logger.warning(
@@ -275,7 +275,9 @@ class TrainingSession:
             self._unsaved = True
             logger.info("%s: optimiser state reset (--adaptation reset)", self.key)
 
-    def _model_instability(self, detection: DriftDetection, earlier_rise: float) -> None:
+    def _model_instability(
+        self, detection: DriftDetection, rise: float, earlier_rise: float
+    ) -> None:
         """A detection the model caused: it explains the examples it learned a while ago
         about as much worse as the new ones. Not drift: no drift snapshot, no reset; with a
         regime memory, the model goes back to its copy from before."""
@@ -284,7 +286,7 @@ class TrainingSession:
             "%s: the bound rose by %.2f nats at %d examples seen, but the examples learned "
             "10-20 minibatches ago rose by %.2f: the model's own instability, not drift",
             self.key,
-            detection.value - detection.baseline,
+            rise,
             detection.examples_seen,
             earlier_rise,
         )
@@ -298,7 +300,6 @@ class TrainingSession:
             }
         )
         if self.regimes is not None:
-            rise = detection.value - detection.baseline
             switch = self.regimes.roll_back(detection.examples_seen, earlier_rise, SHARE * rise)
             if switch is not None:
                 self._switched(switch, detection.step)
