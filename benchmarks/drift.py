@@ -325,10 +325,11 @@ def drift_benchmark(
         base_policy = policy.removesuffix(MEMORY_SUFFIX)
         memory = regime_memory if policy.endswith(MEMORY_SUFFIX) else 0
         if memory:
-            # A memory acts only on detections: without any before the change, the policy's
-            # own learners there are this one's too.
+            # A memory acts only on detections (a drift or the model's instability): without
+            # any before the change, the policy's own learners there are this one's too.
             plain, digits, bound, digits_bound = learners_at_change(base_policy)
-            if not plain.detections and not (digits and digits.detections):
+            learners = [plain, *([digits] if digits is not None else [])]
+            if not any(learner.detections or learner.instabilities for learner in learners):
                 twin = digits.fork(memory) if digits is not None else None
                 at_change[policy] = (plain.fork(memory), twin, bound, digits_bound)
                 return at_change[policy]
