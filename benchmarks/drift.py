@@ -184,6 +184,8 @@ class _Learner:
             self.memory.open_window(seen)
         if self.reset_on_drift:
             self.trainer.reset_optimizer()
+        if self.trainer.config.drift_step_boost is not None:
+            self.trainer.boost_steps()
 
     def _consider_regimes(self, batch: np.ndarray, bound: float, seen: int) -> None:
         self.memory.observe(bound)

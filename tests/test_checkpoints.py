@@ -112,6 +112,27 @@ def test_a_checkpoint_of_another_optimiser_is_refused_by_name(tmp_path):
         CheckpointStore(tmp_path, other).restore()
 
 
+def test_an_archive_from_before_the_step_boost_is_restored_without_it(tmp_path):
+    """Older versions wrote no `boost_excess`: restored, it starts at 0 (no boost), and
+    everything else is as saved."""
+    config = dataclasses.replace(CONFIG, drift_step_boost=3.0)
+    trainer = _trained(2, config)
+    path = CheckpointStore(tmp_path, trainer).save()
+    with np.load(path) as arrays:
+        older = {name: arrays[name] for name in arrays.files if not name.endswith("boost_excess")}
+    assert len(older) == len(arrays.files) - 1
+    np.savez(path, **older)
+    restored = vae.Trainer(config)
+    restored.boost_steps()  # a value that the restore must set back to the start
+    assert CheckpointStore(tmp_path, restored).restore()
+    assert restored.optimizer.boost_excess.numpy() == 0.0
+    np.testing.assert_array_equal(_values(restored)[0], _values(trainer)[0])
+    del older["trainer/_step"]
+    np.savez(path, **older)
+    with pytest.raises(ValueError, match=r"trainer/_step"):
+        CheckpointStore(tmp_path, vae.Trainer(config)).restore()
+
+
 def test_checkpoint_files_are_written_under_a_temporary_name(tmp_path, monkeypatch):
     # A writer killed mid-write leaves `ckpt-N.npz.tmp`, never a partial `ckpt-N.npz`.
     def killed(*args, **kwargs):

@@ -8,7 +8,14 @@ import tensorflow as tf
 
 import vae
 from vae.config import UPDATE_CLIP_THRESHOLD
-from vae.optimizers import EPSILON, Adagrad, Adam, RMSProp, make_optimizer
+from vae.optimizers import (
+    EPSILON,
+    STEP_BOOST_HALF_LIFE_EXAMPLES,
+    Adagrad,
+    Adam,
+    RMSProp,
+    make_optimizer,
+)
 
 GRADIENTS = [np.array([2.0, -4.0, 0.5]), np.array([-1.0, 3.0, 0.25]), np.array([0.5, 0.5, -2.0])]
 
@@ -71,6 +78,41 @@ def test_forgetting_adagrad_clips_the_steps_of_a_burst_as_adafactor_does() -> No
     assert max(relative_rms[t] for t in range(200)) == pytest.approx(1.0, abs=1e-9)
     assert relative_rms[200] > 8 and relative_rms[201] < 1
     assert burst_step == pytest.approx(UPDATE_CLIP_THRESHOLD)
+
+
+def test_a_step_boost_multiplies_the_steps_and_relaxes_with_its_half_life() -> None:
+    """Boosted by 3, the next step is 3x Adagrad's; the excess halves every
+    STEP_BOOST_HALF_LIFE_EXAMPLES examples (here one minibatch of that many)."""
+    plain_weights, boosted_weights = tf.Variable([0.0, 0.0]), tf.Variable([0.0, 0.0])
+    plain = Adagrad([plain_weights], learning_rate=0.1, half_life_examples=1e5)
+    boosted = Adagrad([boosted_weights], learning_rate=0.1, half_life_examples=1e5, step_boost=3)
+    batch = int(STEP_BOOST_HALF_LIFE_EXAMPLES)
+    ratios = []
+    for t, g in enumerate(GRADIENTS * 2):
+        if t == 2:
+            boosted.boost()
+        before = plain_weights.numpy(), boosted_weights.numpy()
+        for optimizer in (plain, boosted):
+            optimizer.apply_gradients([tf.constant(g[:2], tf.float32)], batch_size=batch)
+        plain_step = plain_weights.numpy() - before[0]
+        ratios.append((boosted_weights.numpy() - before[1]) / plain_step)
+        # The accumulators are the same whether boosted or not.
+        np.testing.assert_allclose(boosted.accumulators[0].numpy(), plain.accumulators[0].numpy())
+        plain_weights.assign(boosted_weights)  # both take the next step from the same point
+    expected = [1, 1, 3, 2, 1.5, 1.25]
+    np.testing.assert_allclose(np.asarray(ratios), np.repeat([expected], 2, axis=0).T, rtol=1e-5)
+
+
+def test_a_boost_needs_a_configured_step_boost() -> None:
+    adagrad = Adagrad([tf.Variable([1.0])], learning_rate=0.1)
+    with pytest.raises(ValueError, match="no step_boost"):
+        adagrad.boost()
+    with pytest.raises(ValueError, match="step_boost must be above 1"):
+        Adagrad([tf.Variable([1.0])], learning_rate=0.1, step_boost=0.5)
+    with pytest.raises(ValueError, match="apply to Adagrad only"):
+        make_optimizer("adam", [tf.Variable([1.0])], 0.001, step_boost=3.0)
+    with pytest.raises(ValueError, match="drift_step_boost must be above 1"):
+        vae.VAEConfig(drift_step_boost=1.0)
 
 
 def test_rmsprop_follows_its_moving_average() -> None:

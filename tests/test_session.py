@@ -4,6 +4,7 @@ The trainers of one configuration share one XLA-compiled step (about a second to
 a small machine), so the tests use few configurations.
 """
 
+import dataclasses
 import io
 import json
 import pathlib
@@ -13,13 +14,14 @@ import pytest
 
 import vae
 from pipeline.ingest.keys import validate_model_key
+from pipeline.train.adaptation import DRIFT_STEP_BOOST, adaptation_fields
 from pipeline.train.checkpoints import CONFIG_FILE, CheckpointStore, checkpoint_number
 from pipeline.train.drift import DriftSettings
 from pipeline.train.observers import SessionObserver
 from pipeline.train.progress import ProgressLog, read_progress
 from pipeline.train.records import TrainingRecord
 from pipeline.train.session import Cadence, TrainingSession
-from vae.optimizers import RESET_UPDATES
+from vae.optimizers import RESET_UPDATES, STEP_BOOST_HALF_LIFE_EXAMPLES
 from vae.snapshot_format import read_metadata, version_directories
 
 D = 8
@@ -409,6 +411,33 @@ def test_a_drift_detection_restarts_adagrad_at_the_next_update(
     session.train(dense)
     assert not optimizer.restart_pending.numpy()
     assert optimizer.updates_summed.numpy() == RESET_UPDATES + 1
+
+
+def test_a_drift_detection_boosts_decays_steps_and_the_checkpoint_keeps_the_boost(
+    tmp_path: pathlib.Path, fake_save: None
+) -> None:
+    """`--adaptation decay`: the detection triples the next steps (`drift_step_boost`),
+    the boost relaxing from there; a restart continues with the boost where it was."""
+    config = dataclasses.replace(CONFIG, **adaptation_fields("decay", 1e5))
+    settings = DriftSettings("page-hinkley", threshold=20, delta=1, min_minibatches=5)
+    progress = ProgressLog(tmp_path / "progress.jsonl", stream=io.StringIO())
+    cadence = Cadence(checkpoint_every_steps=1)
+    session = TrainingSession(tmp_path, "default", config, cadence, progress, drift=settings)
+    boost = session.trainer.optimizer.boost_excess
+    rng = np.random.default_rng(7)
+    sparse, dense = ((rng.random((4, D)) < p).astype(np.float32) for p in (0.1, 0.9))
+    for _ in range(50):
+        session.train(sparse)
+    assert boost.numpy() == 0.0
+    while not session.drift_detections:
+        session.train(dense)
+    assert boost.numpy() == pytest.approx(DRIFT_STEP_BOOST - 1)
+    session.train(dense)
+    relaxed = (DRIFT_STEP_BOOST - 1) * 0.5 ** (4 / STEP_BOOST_HALF_LIFE_EXAMPLES)
+    assert boost.numpy() == pytest.approx(relaxed, rel=1e-6)
+    restored = TrainingSession(tmp_path, "default", config, cadence, progress, drift=settings)
+    assert restored.resumed
+    assert restored.trainer.optimizer.boost_excess.numpy() == pytest.approx(relaxed, rel=1e-6)
 
 
 def test_a_drift_reset_is_in_the_checkpoint_of_its_step(

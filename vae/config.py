@@ -67,6 +67,10 @@ class VAEConfig:
         step as Adafactor clips its updates, to a root mean square of d * lr / sqrt(N) for
         the N updates the accumulators hold, when the gradients outgrow the accumulators.
         An Adagrad whose accumulators forget or are reset needs it (UPDATE_CLIP_THRESHOLD).
+      drift_step_boost: None for steps that ignore drift; a number B > 1 multiplies
+        Adagrad's steps by B when a drift detector fires (`Trainer.boost_steps`), the
+        boost relaxing back to 1 with a half-life of
+        `vae.optimizers.STEP_BOOST_HALF_LIFE_EXAMPLES` examples.
       init_stddev: parameters start from N(0, init_stddev^2). The paper's "N(0, 0.01)" is
         read as standard deviation 0.01, as in the authors' code and common replications.
       seed: seeds parameter initialisation and the trainer's random generator.
@@ -84,6 +88,7 @@ class VAEConfig:
     optimizer: str = "adagrad"
     accumulator_half_life_examples: float | None = None
     update_clip_threshold: float | None = None
+    drift_step_boost: float | None = None
     init_stddev: float = 0.01
     seed: int = 0
 
@@ -117,6 +122,12 @@ class VAEConfig:
             raise ValueError(
                 "update_clip_threshold must be positive and applies to adagrad only, "
                 f"got {clip!r} with {self.optimizer!r}"
+            )
+        boost = self.drift_step_boost
+        if boost is not None and (self.optimizer != "adagrad" or not boost > 1):
+            raise ValueError(
+                "drift_step_boost must be above 1 and applies to adagrad only, "
+                f"got {boost!r} with {self.optimizer!r}"
             )
         if not self.init_stddev > 0:
             raise ValueError(f"init_stddev must be positive, got {self.init_stddev!r}")

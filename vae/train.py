@@ -146,6 +146,7 @@ class StepProgram:
             config.learning_rate,
             config.accumulator_half_life_examples,
             config.update_clip_threshold,
+            config.drift_step_boost,
             state=state["optimizer"],
         )
         seed = _draw_seed(state["rng_state"])
@@ -219,6 +220,7 @@ class Trainer(tf.Module):
             config.learning_rate,
             config.accumulator_half_life_examples,
             config.update_clip_threshold,
+            config.drift_step_boost,
         )
         with self.name_scope:
             self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -259,6 +261,11 @@ class Trainer(tf.Module):
     def reset_optimizer(self) -> None:
         """Forgets the optimiser's gradient history (the `reset` drift adaptation)."""
         self.optimizer.reset()
+
+    def boost_steps(self) -> None:
+        """Multiplies the next steps by the config's `drift_step_boost` (at a drift
+        detection), relaxing back to Adagrad's own."""
+        self.optimizer.boost()
 
     def checkpoint(self) -> tf.train.Checkpoint:
         """A checkpoint object over the whole training state; the caller writes it."""

@@ -281,6 +281,8 @@ def _describe_config(config: vae.VAEConfig) -> str:
         optimizer.append(f"half-life {config.accumulator_half_life_examples:g} examples")
     if config.update_clip_threshold is not None:
         optimizer.append(f"steps clipped at {config.update_clip_threshold:g}")
+    if config.drift_step_boost is not None:
+        optimizer.append(f"steps x{config.drift_step_boost:g} at a drift detection")
     return (
         f"{config.input_dim}-{config.hidden_dim}-{config.latent_dim} {config.likelihood} VAE "
         f"(M={config.batch_size}, L={config.samples_per_example}, {config.estimator}, "

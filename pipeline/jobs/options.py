@@ -142,7 +142,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
             default="none",
             help="how the optimiser follows a drifting stream: none (the paper's Adagrad), reset "
             "(Adagrad's accumulators restarted at 500 updates' worth when drift is detected), "
-            "decay (Adagrad forgetting with --half-life-examples), both with Adafactor's update "
+            "decay (Adagrad forgetting with --half-life-examples, its steps tripled when drift is "
+            "detected and relaxing back), both with Adafactor's update "
             "clipping, rmsprop or adam (baselines)",
         ),
         parser.add_argument(

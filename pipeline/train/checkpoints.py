@@ -197,6 +197,10 @@ STEP_PATH = "trainer/_step"
 EXAMPLES_SEEN_PATH = "trainer/_examples_seen"
 
 
+# Variables added to the trainer after archives were first written, by the last part of
+# their path, with the value they start at: an older archive without them restores that.
+ADDED_VARIABLES = {"boost_excess": 0.0}
+
 # Names of the session's own entries in a checkpoint archive.
 SESSION_PREFIX = "session/"
 SESSION_STATE = "session/state.json"
@@ -210,13 +214,22 @@ def _load_arrays(
     variables = variables_by_path(trainer.checkpoint())
     with np.load(path) as arrays:
         trainer_names = {name for name in arrays.files if not name.startswith(SESSION_PREFIX)}
-        if trainer_names != set(variables):
+        differ = trainer_names ^ set(variables)
+        added = {
+            name: start
+            for name in differ - trainer_names
+            for suffix, start in ADDED_VARIABLES.items()
+            if name.endswith("/" + suffix)
+        }
+        if differ - set(added):
             raise ValueError(
                 f"checkpoint {path} does not hold this trainer's variables: "
-                f"{sorted(trainer_names ^ set(variables))} differ"
+                f"{sorted(differ - set(added))} differ"
             )
         for name, variable in variables.items():
-            variable.assign(arrays[name])
+            if name in added:
+                logger.info("%s has no %s (an older version's): it starts afresh", path, name)
+            variable.assign(added[name] if name in added else arrays[name])
         state = json.loads(str(arrays[SESSION_STATE])) if SESSION_STATE in arrays.files else {}
         session_arrays = {
             name.removeprefix(SESSION_PREFIX): arrays[name]

@@ -274,6 +274,9 @@ class TrainingSession:
             self.trainer.reset_optimizer()
             self._unsaved = True
             logger.info("%s: optimiser state reset (--adaptation reset)", self.key)
+        if self.trainer.config.drift_step_boost is not None:
+            self.trainer.boost_steps()
+            self._unsaved = True
 
     def _model_instability(
         self, detection: DriftDetection, rise: float, earlier_rise: float
