@@ -301,15 +301,20 @@ class TrainerDoFn(beam.DoFn):
             # keep the model (`finish_bundle` made the round durable). The job closes its
             # sessions when it really ends (`close_live_sessions`).
             return
-        if not _is_live(self.spec.run_dir, key) and _closed_on_disk(self.spec.run_dir, key):
-            # Evicted and not trained since: its checkpoint and snapshot are final already,
-            # and restoring the model only to find so would cost as much as a minibatch.
-            self._sessions.pop(key, None)
-            return
-        # Restored from the checkpoint when another worker process trained the key.
-        session = self._session(key)
-        del self._sessions[key]
-        _close(session)
+        # One closing at a time per key: Prism (Beam 2.77) fired this timer a second time,
+        # in another bundle, while the first firing was still writing the final snapshot
+        # (apache/beam#35771); the second then finds the model closed on disk.
+        with _closing_lock(self.spec.run_dir, key):
+            if not _is_live(self.spec.run_dir, key) and _closed_on_disk(self.spec.run_dir, key):
+                # Evicted and not trained since (or closed by a firing before this one): its
+                # checkpoint and snapshot are final already, and restoring the model only to
+                # find so would cost as much as a minibatch.
+                self._sessions.pop(key, None)
+                return
+            # Restored from the checkpoint when another worker process trained the key.
+            session = self._session(key)
+            del self._sessions[key]
+            _close(session)
 
     def start_bundle(self) -> None:
         # Looked up again in every bundle: another worker may have trained a key meanwhile.
@@ -451,6 +456,13 @@ _evicted_sessions: weakref.WeakValueDictionary[tuple[str, str], TrainingSession]
     weakref.WeakValueDictionary()
 )
 _live_lock = threading.Lock()
+# Held while a key's model is closed at the end of its input (a lock per key, made once).
+_closing_locks: dict[tuple[str, str], threading.Lock] = {}
+
+
+def _closing_lock(run_dir: str, key: str) -> threading.Lock:
+    with _live_lock:
+        return _closing_locks.setdefault((run_dir, key), threading.Lock())
 
 
 def _open_session(
