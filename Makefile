@@ -10,14 +10,22 @@ AEVB_DATA_DIR ?= $(if $(wildcard ../shared/data/SHA256SUMS),$(abspath ../shared/
 export AEVB_DATA_DIR
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install prometheus run test lint bench-trainer clean
+# Local services for the Kafka and portable-runner tests (tests/services.py), built by Maven
+# and Go from pinned versions into .services/: a Kafka broker, Beam's Kafka expansion service
+# and Prism, Beam's portable runner (the same version as the Python SDK; a job that names it
+# with --prism_location never waits on a download).
+SERVICES := .services
+BEAM_VERSION := 2.77.0
+MVN := mvn -B -q --no-transfer-progress
+
+.PHONY: install prometheus services run test lint bench-trainer clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,kafka]'
 	touch $@
 
 ## The main streaming job: MNIST (or the packaged 5000-image subset when MNIST cannot be had)
@@ -39,7 +47,23 @@ prometheus:
 			apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
 	else echo "prometheus/promtool/docker-compose not installed (not root): their tests will be skipped"; fi
 
-test: install lint prometheus
+services: $(SERVICES)/kafka/.installed $(SERVICES)/kafka-expansion-service/.installed \
+	$(SERVICES)/bin/prism
+
+$(SERVICES)/kafka/.installed: deploy/local/kafka-broker.pom.xml
+	$(MVN) -f $< dependency:copy-dependencies -DincludeScope=runtime \
+		-DoutputDirectory=$(abspath $(SERVICES)/kafka/libs)
+	touch $@
+
+$(SERVICES)/kafka-expansion-service/.installed: deploy/local/kafka-expansion-service.pom.xml
+	$(MVN) -f $< package
+	touch $@
+
+$(SERVICES)/bin/prism: Makefile
+	GOBIN=$(abspath $(SERVICES)/bin) GOFLAGS=-mod=mod go install -p 1 \
+		github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+
+test: install lint prometheus services
 	$(BIN)/pytest
 
 lint: install
@@ -53,4 +77,4 @@ bench-trainer: install
 		--reference-command "$(abspath .torch-venv/bin/python) $(abspath ../shared/bench/torch_reference.py)"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SERVICES) runs .pytest_cache .ruff_cache

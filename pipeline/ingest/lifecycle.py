@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.runners.runner import PipelineResult
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,20 @@ def drain_on_interrupt(job_id: str) -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         clear(job_id)
+
+
+@contextlib.contextmanager
+def cross_language_services(options: PipelineOptions) -> Iterator[None]:
+    """What ``with beam.Pipeline(...)`` provides for cross-language transforms, for a job that
+    builds and runs its pipeline itself: ``--beam_services`` overrides apply, and the
+    services Beam starts while expanding (a Java expansion service, with the loopback worker
+    it then starts beside itself to run its transforms) live until the job has ended."""
+    from apache_beam.options.pipeline_options import CrossLanguageOptions
+    from apache_beam.utils.subprocess_server import JavaJarServer, SubprocessServer
+
+    overrides = options.view_as(CrossLanguageOptions).beam_services
+    with JavaJarServer.beam_services(overrides), SubprocessServer.cache_subprocesses():
+        yield
 
 
 def run_draining_on_interrupt(pipeline: beam.Pipeline, job_id: str) -> PipelineResult | None:

@@ -90,6 +90,7 @@ class ReadExamples(beam.PTransform):
         max_file_bytes: what one file may hold, or expand to (`decode_file`).
         replay: what the dataset source replays.
         job_id: the sources stop when `pipeline.ingest.lifecycle.request_stop(job_id)`.
+        kafka_expansion_service: the Kafka source's expansion service (`kafka_source`).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class ReadExamples(beam.PTransform):
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         replay: DatasetReplay = DatasetReplay(),
         job_id: str | None = None,
+        kafka_expansion_service: str | None = None,
     ) -> None:
         super().__init__()
         self.kind, self.argument = parse_source(source)
@@ -122,6 +124,7 @@ class ReadExamples(beam.PTransform):
         self.max_file_bytes = max_file_bytes
         self.replay = replay
         self.job_id = job_id
+        self.kafka_expansion_service = kafka_expansion_service
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
         if self.kind == "files":
@@ -146,7 +149,12 @@ class ReadExamples(beam.PTransform):
         if self.kind == "kafka":
             decoded = (
                 pbegin
-                | "ReadKafka" >> kafka_source(self.argument, max_examples=self.max_examples)
+                | "ReadKafka"
+                >> kafka_source(
+                    self.argument,
+                    max_examples=self.max_examples,
+                    expansion_service=self.kafka_expansion_service,
+                )
                 | "Decode"
                 >> DecodeRecords(
                     self.input_dim, self.likelihood, self.model_key, source=self.source

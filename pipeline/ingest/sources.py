@@ -632,22 +632,31 @@ def _split_kafka_spec(spec: str) -> tuple[str, str]:
     return bootstrap, topic
 
 
-def kafka_source(spec: str, *, max_examples: int | None = None) -> beam.PTransform:
+def kafka_source(
+    spec: str, *, max_examples: int | None = None, expansion_service: str | None = None
+) -> beam.PTransform:
     """``ReadFromKafka`` for ``"BOOTSTRAP/TOPIC"``, emitting ``(key_bytes, value_bytes)``.
 
     Consumer group ``aevb-stream``, reading from the earliest offset when the group has
-    none; ``max_examples`` caps the records read (one record is one example). This is a
-    cross-language transform: building the object works anywhere, but applying it to a
-    pipeline starts Beam's Java expansion service, which needs Java and the Beam Kafka
-    expansion-service jar (downloaded by Beam unless cached). Decode the records with
-    :class:`pipeline.ingest.decode.DecodeRecords`.
+    none and committing offsets as bundles are finalized, so a restarted job goes on from
+    where the last one committed; ``max_examples`` caps the records read (one record is one
+    example). This is a cross-language transform: building the object works anywhere, but
+    applying it to a pipeline expands it in Beam's Java expansion service, and running it
+    needs a portable runner (Prism, Flink). ``expansion_service`` is that service: a jar
+    (Beam's shaded one, or the one `make services` assembles), or the HOST:PORT of a running
+    one; by default Beam downloads the jar of its own version from Maven Central. Decode the
+    records with :class:`pipeline.ingest.decode.DecodeRecords`.
 
     Raises:
         ValueError: ``spec`` is not BOOTSTRAP/TOPIC.
     """
     from apache_beam.io.kafka import ReadFromKafka
+    from apache_beam.transforms.external import JavaJarExpansionService
 
     bootstrap, topic = _split_kafka_spec(spec)
+    service: Any = expansion_service
+    if expansion_service is not None and expansion_service.endswith(".jar"):
+        service = JavaJarExpansionService(expansion_service)
     return ReadFromKafka(
         consumer_config={
             "bootstrap.servers": bootstrap,
@@ -657,6 +666,8 @@ def kafka_source(spec: str, *, max_examples: int | None = None) -> beam.PTransfo
         topics=[topic],
         with_metadata=False,
         max_num_records=max_examples,
+        commit_offset_in_finalize=True,
+        expansion_service=service,
     )
 
 

@@ -188,6 +188,14 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
         "kafka:BOOTSTRAP/TOPIC",
     )
     parser.add_argument(
+        "--kafka-expansion-service",
+        metavar="JAR|HOST:PORT",
+        help="Beam's Java expansion service for the kafka source: a jar (`make services` "
+        "builds .services/kafka-expansion-service/beam-kafka-expansion-service-*.jar) or a "
+        "running service's address; default: Beam's own jar, downloaded from Maven Central. "
+        "A kafka source needs a portable runner, e.g. --runner PrismRunner",
+    )
+    parser.add_argument(
         "--examples-per-second", type=positive_float, help="rate limit of the dataset source"
     )
     parser.add_argument(
@@ -469,6 +477,7 @@ def read_examples(
             **replay_fields,
         ),
         job_id=job_id,
+        kafka_expansion_service=options.kafka_expansion_service,
     )
 
 

@@ -284,7 +284,8 @@ def run_scoring(options: PipelineOptions) -> beam.runners.runner.PipelineResult 
     Raises:
         RunDirectoryBusy: another job writes to the same --output (`pipeline.jobs.run_lock`).
     """
-    with RunDirectoryLock(os.path.abspath(options.view_as(AEVBOptions).output)):
+    output = os.path.abspath(options.view_as(AEVBOptions).output)
+    with RunDirectoryLock(output), lifecycle.cross_language_services(options):
         pipeline = beam.Pipeline(options=options)
         job = build_scoring_pipeline(pipeline, options)
         return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)

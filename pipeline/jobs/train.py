@@ -144,9 +144,10 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
             ).start()
         try:
             record_drift_schedule(aevb_options)
-            pipeline = beam.Pipeline(options=options)
-            job = build_training_pipeline(pipeline, aevb_options)
-            return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
+            with lifecycle.cross_language_services(options):
+                pipeline = beam.Pipeline(options=options)
+                job = build_training_pipeline(pipeline, aevb_options)
+                return lifecycle.run_draining_on_interrupt(pipeline, job.job_id)
         finally:
             # Models trained in this process (the local runners' workers) get their final
             # checkpoint and snapshot here. Elsewhere the checkpoint at the end of every
