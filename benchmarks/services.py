@@ -1,15 +1,20 @@
-"""Local services for the tests, started as processes on loopback from what `make services`
-built into .services/ (deploy/local/*.pom.xml, Prism from the Go module proxy).
+"""Local services for the tests and benchmarks, started as processes on loopback from what
+`make services` built into .services/ (deploy/local/*.pom.xml, Prism from the Go module
+proxy).
 
 >>> sorted(SERVICES)
 ['kafka', 'kafka-expansion-service', 'prism']
+>>> try:
+...     service_path("kafka", services_dir=pathlib.Path("/nowhere"))
+... except ServiceUnavailable as missing:
+...     print(missing)
+kafka is not built: run `make services` (looked in /nowhere/kafka/libs)
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import os
 import pathlib
 import shutil
 import socket
@@ -18,34 +23,43 @@ import time
 import uuid
 from collections.abc import Iterator
 
-import pytest
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SERVICES_DIR = REPO / ".services"
+# Where `make services` puts each, under SERVICES_DIR.
 SERVICES = {
-    "kafka": SERVICES_DIR / "kafka" / "libs",
-    "kafka-expansion-service": SERVICES_DIR / "kafka-expansion-service",
-    "prism": SERVICES_DIR / "bin" / "prism",
+    "kafka": pathlib.Path("kafka", "libs"),
+    "kafka-expansion-service": pathlib.Path("kafka-expansion-service"),
+    "prism": pathlib.Path("bin", "prism"),
 }
 
 
-def service_path(name: str) -> pathlib.Path:
-    """Where `make services` put `name`; the test fails when it is missing in CI (which runs
-    `make test`, building them) and skips elsewhere."""
-    path = SERVICES[name]
-    if not path.exists() or shutil.which("java") is None:
-        message = f"{name} is not built (or Java is missing): run `make services`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+class ServiceUnavailable(RuntimeError):
+    """A service `make services` has not built here, or Java to run it is missing."""
+
+
+def service_path(name: str, services_dir: pathlib.Path = SERVICES_DIR) -> pathlib.Path:
+    """Where `make services` put `name`."""
+    path = services_dir / SERVICES[name]
+    if not path.exists():
+        raise ServiceUnavailable(f"{name} is not built: run `make services` (looked in {path})")
+    if name != "prism" and shutil.which("java") is None:
+        raise ServiceUnavailable(f"{name} needs Java, which is not on the PATH")
     return path
 
 
 def expansion_service_jar() -> pathlib.Path:
     """The launcher jar of Beam's Kafka expansion service (its libs/ beside it)."""
     jars = sorted(service_path("kafka-expansion-service").glob("beam-kafka-expansion-*.jar"))
-    assert jars, "the expansion service's jar is missing from .services"
+    if not jars:
+        raise ServiceUnavailable("the expansion service's jar is missing: run `make services`")
     return jars[-1]
+
+
+def prism_flags() -> list[str]:
+    """Beam flags that run a job on the Prism `make services` built, its SDK workers in this
+    process (the local runners' way, so the job's in-process parts work as there)."""
+    prism = service_path("prism")
+    return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
 
 
 def free_port() -> int:
@@ -115,7 +129,7 @@ def kafka_broker(directory: pathlib.Path, timeout: float = 60.0) -> Iterator[str
         while not _accepts(port):
             if broker.poll() is not None or time.monotonic() > deadline:
                 log_text = (directory / "broker.log").read_text()
-                pytest.fail(f"the Kafka broker did not start:\n{log_text}")
+                raise ServiceUnavailable(f"the Kafka broker did not start:\n{log_text}")
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:

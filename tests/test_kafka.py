@@ -14,9 +14,10 @@ import sys
 
 import numpy as np
 import pytest
-from services import expansion_service_jar, kafka_broker, service_path
+from services import needed
 
 import vae
+from benchmarks.services import expansion_service_jar, kafka_broker, prism_flags, service_path
 from pipeline.ingest.datasets import load_dataset
 from pipeline.train.checkpoints import CheckpointStore
 from vae.snapshot_format import read_metadata, version_directories
@@ -50,9 +51,8 @@ def _train(bootstrap: str, run: pathlib.Path, records: int) -> str:
         *("train", "--streaming", "--source", f"kafka:{bootstrap}/{TOPIC}"),
         *("--dataset", "mnist", "--hidden", "50", "--latent-dim", "5"),
         *("--max-examples", str(records), "--output", str(run)),
-        *("--kafka-expansion-service", str(expansion_service_jar())),
-        *("--runner", "PrismRunner", "--prism_location", str(service_path("prism"))),
-        *("--environment_type", "LOOPBACK"),
+        *("--kafka-expansion-service", str(needed(expansion_service_jar))),
+        *needed(prism_flags),
     )
 
 
@@ -72,6 +72,8 @@ def test_a_streaming_job_trains_a_model_per_message_key_and_resumes_from_committ
     from kafka import KafkaProducer  # the kafka extra, installed by `make install`
 
     run = tmp_path / "run"
+    needed(expansion_service_jar)
+    needed(lambda: service_path("kafka"))
     with kafka_broker(tmp_path / "broker") as bootstrap:
         for seed, key in enumerate(("tenant-a", "tenant-b")):
             _produce(bootstrap, key, PER_KEY, seed)
