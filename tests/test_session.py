@@ -239,6 +239,22 @@ def test_snapshots_every_n_seconds_by_the_session_clock(
     assert session.train(_batches(1)[0], event_time=5.0).event_time == 5.0
 
 
+def test_a_progress_line_gives_the_lag_from_its_last_minibatchs_event_time(
+    tmp_path: pathlib.Path, fake_save: None
+) -> None:
+    """event_lag_seconds: from the event time the last minibatch came with (a Kafka
+    message's creation) to the session's clock when it was trained."""
+    clock = FakeClock(now=5000.0)
+    session = _session(tmp_path, Cadence(log_every_steps=2), clock=clock)
+    batches = _batches(4)
+    for batch, event_time in zip(batches, (4999.0, 4998.0, 4990.0, 4987.5), strict=True):
+        clock.now += 1.0
+        session.train(batch, event_time=event_time)
+    lines = (tmp_path / "progress.jsonl").read_text().splitlines()
+    entries = [_strict_json(line) for line in lines]
+    assert [e["event_lag_seconds"] for e in entries] == [5002.0 - 4998.0, 5004.0 - 4987.5]
+
+
 def test_progress_lines_are_example_weighted_averages(
     tmp_path: pathlib.Path, fake_save: None
 ) -> None:

@@ -667,6 +667,9 @@ def kafka_source(
         with_metadata=False,
         max_num_records=max_examples,
         commit_offset_in_finalize=True,
+        # Event time is when the producer created the message: the records' event_time,
+        # and the event_lag_seconds of progress lines, measure produce-to-update latency.
+        timestamp_policy=ReadFromKafka.create_time_policy,
         expansion_service=service,
     )
 

@@ -509,11 +509,15 @@ class _Window:
     reconstruction: float = 0.0
     kl: float = 0.0
     last_elbo: float | None = None
+    # Seconds from the event time of the last minibatch's newest element (a Kafka message's
+    # CreateTime; a file's or replay's read time) to its update.
+    last_event_lag: float | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def add(self, record: TrainingRecord) -> None:
         self.steps += 1
         self.last_elbo = record.elbo
+        self.last_event_lag = record.processing_time - record.event_time
         if not record.applied or not np.isfinite(record.elbo):
             return
         self.examples += record.batch_size
@@ -529,4 +533,5 @@ class _Window:
             "reconstruction_log_likelihood": self.reconstruction / self.examples,
             "kl": self.kl / self.examples,
             "examples_per_second": self.examples / (time.perf_counter() - self.started),
+            "event_lag_seconds": round(self.last_event_lag, 4),
         }
