@@ -29,6 +29,7 @@ from pipeline.jobs.options import (
     load_data,
     model_config,
     model_flags,
+    positive_float,
     positive_int,
     writable_directory,
 )
@@ -71,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=positive_int, default=3, help="runs of each side, alternating (3)"
     )
     job.add_argument("--json", action="store_true")
+
+    runners = benches.add_parser(
+        "runners",
+        help="the streaming job on FnApiRunner, on Prism, and fed by Kafka; produce-to-update lag",
+    )
+    add_data_flags(runners.add_argument_group("data"))
+    add_model_flags(runners.add_argument_group("model and learning algorithm"))
+    runners.add_argument("--examples", type=positive_int, default=100_000)
+    runners.add_argument(
+        "--repeats", type=positive_int, default=3, help="runs of each side, alternating (3)"
+    )
+    runners.add_argument("--latency-examples", type=positive_int, default=30_000)
+    runners.add_argument(
+        "--latency-rate", type=positive_float, default=1_000.0, help="messages/s (1,000)"
+    )
+    runners.add_argument("--json", action="store_true")
 
     batching = benches.add_parser(
         "key-batching", help="per key-step: a model alone, a fleet's shared step, stacking keys"
@@ -191,6 +208,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             source=args.source,
             runner=args.runner,
             files_format=args.files_format,
+            extra_flags=_data_flags(args),
+        )
+    if args.bench == "runners":
+        from benchmarks.runners import runner_benchmark
+
+        dataset, _ = _dataset_and_config(args)
+        return runner_benchmark(
+            dataset,
+            model_flags(args),
+            examples=args.examples,
+            repeats=args.repeats,
+            latency_examples=args.latency_examples,
+            latency_rate=args.latency_rate,
             extra_flags=_data_flags(args),
         )
     if args.bench == "keys":

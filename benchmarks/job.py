@@ -22,7 +22,7 @@ from pipeline.jobs.train import run_training
 from pipeline.train.checkpoints import CONFIG_FILE
 from pipeline.train.progress import read_progress
 
-__all__ = ["pipeline_throughput"]
+__all__ = ["pipeline_throughput", "steady_rate"]
 
 
 def pipeline_throughput(
@@ -73,7 +73,7 @@ def pipeline_throughput(
             started = time.perf_counter()
             run_training(PipelineOptions(flags))
             total_seconds.append(time.perf_counter() - started)
-            job_runs.append(_steady_rate(os.path.join(run_dir, "progress.jsonl"), examples))
+            job_runs.append(steady_rate(os.path.join(run_dir, "progress.jsonl"), examples))
             job_config = _checkpoint_config(run_dir)
     pipeline_rate = statistics.median(job_runs)
     trainer_rate = statistics.median(trainer_runs)
@@ -96,7 +96,7 @@ def pipeline_throughput(
     }
 
 
-def _steady_rate(progress_path: str, examples: int) -> float:
+def steady_rate(progress_path: str, examples: int) -> float:
     """Examples per second between the job's progress lines past its first tenth."""
     # Skip the first tenth: the first lines include compilation and the source's start.
     steady = [p for p in read_progress(progress_path) if p["examples"] >= examples // 10]

@@ -1,0 +1,173 @@
+"""`aevb bench runners`: the streaming job on the local runner, on Prism, and fed by Kafka.
+
+Three sides alternate `repeats` times, each the same streaming job over the same examples
+(`examples` of the data set, one model key): the dataset source on `FnApiRunner`, the
+dataset source on Prism (Beam's portable runner, SDK workers in this process), and a Kafka
+topic holding those examples on Prism (Beam's Java KafkaIO through the expansion service
+`make services` builds; a topic per run, filled before the job starts). Each side's rate is
+its steady samples/s between progress lines past the first tenth (`benchmarks.job`), so
+start-up (Prism, the expansion service, the Java worker) is reported apart, as the job's
+total seconds.
+
+Then the latency run: `aevb produce` sends `latency_examples` messages at
+`latency_rate` per second while the Prism job trains from the topic; every progress line
+gives the lag from the creation of the last minibatch's newest message to the update that
+learned it (`event_lag_seconds`), summarised over the second half of the run (the first
+holds the messages sent while the job was starting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from benchmarks.job import steady_rate
+from benchmarks.machine import machine
+from benchmarks.services import expansion_service_jar, kafka_broker, prism_flags
+from pipeline.ingest.datasets import Dataset
+from pipeline.jobs.options import DEFAULT_RUNNER
+from pipeline.jobs.produce import produce
+from pipeline.jobs.train import run_training
+from pipeline.train.progress import read_progress
+
+__all__ = ["runner_benchmark"]
+
+SIDES = ("fnapi-dataset", "prism-dataset", "prism-kafka")
+
+
+def runner_benchmark(
+    dataset: Dataset,
+    model_flags: Sequence[str],
+    examples: int = 100_000,
+    repeats: int = 3,
+    latency_examples: int = 30_000,
+    latency_rate: float = 1_000.0,
+    extra_flags: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Samples/s of each side (median of `repeats`, alternated) and the latency run."""
+    rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    totals: dict[str, list[float]] = {side: [] for side in SIDES}
+    jar = str(expansion_service_jar())
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="aevb-bench-runners-"))
+        bootstrap = stack.enter_context(kafka_broker(pathlib.Path(scratch, "broker")))
+        for repeat in range(repeats):
+            for side in SIDES:
+                run_dir = os.path.join(scratch, f"{side}-{repeat}")
+                flags = [
+                    "--streaming",
+                    f"--dataset={dataset.name}",
+                    f"--max-examples={examples}",
+                    f"--output={run_dir}",
+                    "--log-every-steps=10",
+                    *model_flags,
+                    *extra_flags,
+                ]
+                flags += (
+                    prism_flags() if side.startswith("prism") else [f"--runner={DEFAULT_RUNNER}"]
+                )
+                if side.endswith("kafka"):
+                    topic = f"examples-{repeat}"
+                    produce(bootstrap, topic, dataset.train, max_examples=examples)
+                    flags += [
+                        f"--source=kafka:{bootstrap}/{topic}",
+                        f"--kafka-expansion-service={jar}",
+                    ]
+                started = time.perf_counter()
+                run_training(PipelineOptions(flags))
+                totals[side].append(time.perf_counter() - started)
+                rates[side].append(steady_rate(os.path.join(run_dir, "progress.jsonl"), examples))
+        latency = _latency_run(
+            bootstrap,
+            dataset,
+            model_flags,
+            extra_flags,
+            jar,
+            os.path.join(scratch, "latency"),
+            latency_examples,
+            latency_rate,
+        )
+    median = {side: statistics.median(rates[side]) for side in SIDES}
+    return {
+        "benchmark": "runners",
+        "examples": examples,
+        "repeats": repeats,
+        "samples_per_second": median,
+        "runs_samples_per_second": rates,
+        "total_seconds": {side: statistics.median(totals[side]) for side in SIDES},
+        "prism_over_fnapi": median["prism-dataset"] / median["fnapi-dataset"],
+        "kafka_over_dataset_on_prism": median["prism-kafka"] / median["prism-dataset"],
+        "latency": latency,
+        "machine": machine(),
+    }
+
+
+def _latency_run(
+    bootstrap: str,
+    dataset: Dataset,
+    model_flags: Sequence[str],
+    data_flags: Sequence[str],
+    jar: str,
+    run_dir: str,
+    examples: int,
+    rate: float,
+) -> dict[str, Any]:
+    """A streaming Prism job on a topic `aevb produce` fills at `rate` messages/s."""
+    from kafka.admin import KafkaAdminClient, NewTopic  # the kafka extra
+
+    topic = "latency"
+    # KafkaIO fails at the start on a topic that does not exist yet.
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    admin.close()
+    producer = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "aevb"),
+            *("produce", "--bootstrap", bootstrap, "--topic", topic),
+            *(f"--dataset={dataset.name}", f"--max-examples={examples}"),
+            f"--examples-per-second={rate}",
+            *data_flags,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        run_training(
+            PipelineOptions(
+                [
+                    "--streaming",
+                    f"--source=kafka:{bootstrap}/{topic}",
+                    f"--kafka-expansion-service={jar}",
+                    f"--dataset={dataset.name}",
+                    f"--max-examples={examples}",
+                    f"--output={run_dir}",
+                    "--log-every-steps=1",
+                    *model_flags,
+                    *data_flags,
+                    *prism_flags(),
+                ]
+            )
+        )
+    finally:
+        producer.wait(timeout=600)
+    lines = [p for p in read_progress(os.path.join(run_dir, "progress.jsonl")) if "elbo" in p]
+    steady = np.array([p["event_lag_seconds"] for p in lines[len(lines) // 2 :]])
+    return {
+        "examples": examples,
+        "messages_per_second": rate,
+        "minibatches": len(steady),
+        "median_seconds": float(np.median(steady)),
+        "p95_seconds": float(np.percentile(steady, 95)),
+        "max_seconds": float(steady.max()),
+    }
