@@ -193,6 +193,21 @@ def test_the_pieces_of_the_stack_point_at_each_other(compose) -> None:
     assert "http://localhost:9090" in urls
 
 
+def test_the_kafka_profile_runs_the_versions_the_tests_run(compose) -> None:
+    """The broker image is the Kafka of deploy/local (tests/test_kafka.py's broker); the
+    Kafka trainer runs on Prism, at the Python SDK's version, as `make services` builds it."""
+    pom = (ROOT / "deploy/local/kafka-broker.pom.xml").read_text()
+    (kafka_version,) = re.findall(r"<kafka.version>([^<]+)</kafka.version>", pom)
+    assert _services(compose)["kafka"]["image"] == f"apache/kafka:{kafka_version}"
+    prism = f"prism@v{beam.__version__}"
+    assert prism in DOCKERFILE.read_text()
+    assert f"BEAM_VERSION := {beam.__version__}" in (ROOT / "Makefile").read_text()
+    command = _aevb_commands(compose)["trainer-kafka"]
+    assert command[command.index("--runner") + 1] == "PrismRunner"
+    assert command[command.index("--prism_location") + 1] == "/usr/local/bin/prism"
+    assert "COPY --from=prism /out/prism /usr/local/bin/prism" in DOCKERFILE.read_text()
+
+
 def test_images_are_pinned_and_the_trainer_image_is_slim_and_non_root(compose) -> None:
     for name, service in _services(compose).items():
         image = service["image"]
