@@ -1,15 +1,18 @@
-"""The same jobs on a portable runner: `aevb train` and `aevb score` submitted with
-`--runner PortableRunner` to Prism, Beam's portable job server (started here as its own
-process, as a Flink job server would be), give the outputs they give on the local
-`FnApiRunner`: the same snapshot (bound within 1e-4 nats), the same dead letters, the same
-scores.
+"""The jobs on Prism, Beam's portable runner. `aevb train` and `aevb score` submitted with
+`--runner PortableRunner` to a Prism job server (started here as its own process, as a Flink
+job server would be) give the outputs they give on the local `FnApiRunner`: the same
+snapshot (bound within 1e-4 nats), the same dead letters, the same scores. A streaming
+`aevb score --runner PrismRunner` follows a new snapshot version in real time and drains on
+Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +23,7 @@ import pytest
 from services import needed
 
 import vae
-from benchmarks.services import free_port, service_path
+from benchmarks.services import free_port, prism_flags, service_path
 from pipeline.ingest.datasets import load_dataset
 from pipeline.outputs.scores import read_scores
 from vae.snapshot_format import read_metadata, version_directories
@@ -100,3 +103,52 @@ def test_train_and_score_on_a_portable_job_server_match_the_local_runner(
     assert _dead_letters(tmp_path / "portable") == _dead_letters(tmp_path / "local")
     assert len(_dead_letters(tmp_path / "local")) == 3  # a row of 785 values is one
     assert scores["portable"] == scores["local"] and len(scores["local"]) == EXAMPLES
+
+
+def test_a_streaming_score_job_on_prism_follows_a_new_version_and_drains_on_ctrl_c(
+    tmp_path: pathlib.Path,
+) -> None:
+    run, incoming, out = tmp_path / "run", tmp_path / "incoming", tmp_path / "scores"
+    incoming.mkdir()
+    model = ("--dataset=mnist", "--hidden=50", "--latent-dim=5", f"--output={run}")
+    _aevb("train", *model, "--max-examples=1000")
+    rows = load_dataset("mnist").test
+
+    def drop(name: str, data: np.ndarray) -> None:
+        with (incoming / f"{name}.tmp").open("wb") as staging:  # outside the glob
+            np.save(staging, data)
+        os.rename(incoming / f"{name}.tmp", incoming / f"{name}.npy")
+
+    def scored(count: int) -> list[dict]:
+        deadline = time.monotonic() + 120
+        while len(records := read_scores(out) if out.exists() else []) < count:
+            assert score.poll() is None, (tmp_path / "score.log").read_text()[-5000:]
+            assert time.monotonic() < deadline, f"{len(records)} of {count} scored"
+            time.sleep(0.5)
+        return records
+
+    with (tmp_path / "score.log").open("w") as log:
+        score = subprocess.Popen(
+            [
+                *(str(AEVB), "score", "--streaming", f"--source=files:{incoming}/*.npy"),
+                *(f"--model={run}/snapshots/default", "--model-poll-seconds=1"),
+                *("--poll-interval-seconds=0.5", "--file-settle-seconds=0.5", f"--output={out}"),
+                *needed(prism_flags),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            drop("first", rows[:200])
+            assert {r["model_version"] for r in scored(200)} == {1}
+            _aevb("train", *model, "--max-examples=2000")  # version 2, while it runs
+            time.sleep(2)  # two model polls
+            drop("second", rows[200:400])
+            versions = {(pathlib.Path(r["source"]).name, r["model_version"]) for r in scored(400)}
+            assert versions == {("first.npy", 1), ("second.npy", 2)}
+            score.send_signal(signal.SIGINT)
+            assert score.wait(timeout=120) == 0, (tmp_path / "score.log").read_text()[-5000:]
+        finally:
+            if score.poll() is None:
+                score.kill()
+    assert "stop requested: draining" in (tmp_path / "score.log").read_text()

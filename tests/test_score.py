@@ -309,6 +309,10 @@ def test_score_dataset_source_with_a_quantile_threshold(tmp_path) -> None:
     ("flags", "message"),
     [
         (["--streaming", "--model-updates", "side-input"], "needs a runner that feeds"),
+        (
+            ["--streaming", "--model-updates", "side-input", "--runner", "PrismRunner"],
+            "PrismRunner would score nothing",
+        ),
         (["--threshold", "3", "--threshold-quantile", "0.9"], "not both"),
         (["--threshold-quantile", "1.5"], "between 0 and 1"),
         (["--source", "ftp://x"], "must be one of"),

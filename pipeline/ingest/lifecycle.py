@@ -22,7 +22,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -52,18 +52,26 @@ def clear(job_id: str) -> None:
 
 
 @contextlib.contextmanager
-def drain_on_interrupt(job_id: str) -> Iterator[None]:
+def drain_on_interrupt(job_id: str) -> Iterator[Callable[[], None]]:
     """Within it, the first Ctrl-C or SIGTERM requests a stop of `job_id` (a drain); a
-    second Ctrl-C raises KeyboardInterrupt as usual. Main thread only, as signals are."""
+    second Ctrl-C raises KeyboardInterrupt as usual. Main thread only, as signals are.
+    Yields a function that takes Ctrl-C back from whatever took it since."""
+    draining = False
 
     def drain(signum, frame) -> None:
+        nonlocal draining
         logger.info("stop requested: draining (Ctrl-C again to stop at once)")
         request_stop(job_id)
+        draining = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def take_back() -> None:
+        if not draining:
+            signal.signal(signal.SIGINT, drain)
 
     previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield take_back
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -88,8 +96,11 @@ def run_draining_on_interrupt(pipeline: beam.Pipeline, job_id: str) -> PipelineR
     """Runs a Beam `pipeline` to its end; the first Ctrl-C drains `job_id`, a second one
     stops at once (then None instead of the pipeline's result)."""
     try:
-        with drain_on_interrupt(job_id):
+        with drain_on_interrupt(job_id) as take_back_ctrl_c:
             result = pipeline.run()
+            # Beam's portable job servers (Prism's among them) take Ctrl-C when they start, to
+            # stop the server at once: the job would die instead of draining.
+            take_back_ctrl_c()
             result.wait_until_finish()
         return result
     except KeyboardInterrupt:
