@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     runners.add_argument(
         "--repeats", type=positive_int, default=3, help="runs of each side, alternating (3)"
     )
-    runners.add_argument("--latency-examples", type=positive_int, default=30_000)
+    runners.add_argument("--latency-examples", type=positive_int, default=60_000)
     runners.add_argument(
         "--latency-rate", type=positive_float, default=1_000.0, help="messages/s (1,000)"
     )

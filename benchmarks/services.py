@@ -112,11 +112,11 @@ def kafka_broker(directory: pathlib.Path, timeout: float = 60.0) -> Iterator[str
         + "\n"
     )
     classpath = f"{libs}/*"
+    # --cluster-id=ID: an id may start with "-", which would read as an option.
+    format_storage = ["format", "--standalone", f"--cluster-id={_cluster_id()}"]
     storage_tool = ["java", "-cp", classpath, "kafka.tools.StorageTool"]
     subprocess.run(
-        [*storage_tool, "format", "--standalone", "-t", _cluster_id(), "-c", str(properties)],
-        check=True,
-        capture_output=True,
+        [*storage_tool, *format_storage, f"--config={properties}"], check=True, capture_output=True
     )
     log = (directory / "broker.log").open("w")
     broker = subprocess.Popen(

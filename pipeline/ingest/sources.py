@@ -638,10 +638,14 @@ def kafka_source(
     """``ReadFromKafka`` for ``"BOOTSTRAP/TOPIC"``, emitting ``(key_bytes, value_bytes)``.
 
     Consumer group ``aevb-stream``, reading from the earliest offset when the group has
-    none and committing offsets as bundles are finalized, so a restarted job goes on from
-    where the last one committed; ``max_examples`` caps the records read (one record is one
-    example). This is a cross-language transform: building the object works anywhere, but
-    applying it to a pipeline expands it in Beam's Java expansion service, and running it
+    none, so a restarted job goes on from where the last one committed. ``max_examples``
+    caps the records read (one record is one example) and makes the read bounded: Beam
+    passes the records on once it has read them all, and commits their offsets as the
+    bundles are finalized. Unbounded, records flow as they come, and the consumer commits
+    the offsets it has read every 5 s (Kafka's auto-commit): a crash may lose up to that
+    many seconds of messages read but not yet trained. This is a cross-language transform:
+    building the object works anywhere, but applying it to a pipeline expands it in Beam's
+    Java expansion service, and running it
     needs a portable runner (Prism, Flink). ``expansion_service`` is that service: a jar
     (Beam's shaded one, or the one `make services` assembles), or the HOST:PORT of a running
     one; by default Beam downloads the jar of its own version from Maven Central. Decode the
@@ -657,16 +661,23 @@ def kafka_source(
     service: Any = expansion_service
     if expansion_service is not None and expansion_service.endswith(".jar"):
         service = JavaJarExpansionService(expansion_service)
+    consumer_config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": "aevb-stream",
+        "auto.offset.reset": "earliest",
+    }
+    bounded = max_examples is not None
+    if not bounded:
+        # KafkaIO's commit at finalization needs a runner with stable input, which Prism
+        # refuses ("doesn't support ... beam:requirement:pardo:stable_input:v1", Beam 2.77);
+        # the consumer commits what it has read every 5 s instead.
+        consumer_config["enable.auto.commit"] = "true"
     return ReadFromKafka(
-        consumer_config={
-            "bootstrap.servers": bootstrap,
-            "group.id": "aevb-stream",
-            "auto.offset.reset": "earliest",
-        },
+        consumer_config=consumer_config,
         topics=[topic],
         with_metadata=False,
         max_num_records=max_examples,
-        commit_offset_in_finalize=True,
+        commit_offset_in_finalize=bounded,
         # Event time is when the producer created the message: the records' event_time,
         # and the event_lag_seconds of progress lines, measure produce-to-update latency.
         timestamp_policy=ReadFromKafka.create_time_policy,
