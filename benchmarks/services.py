@@ -62,6 +62,16 @@ def prism_flags() -> list[str]:
     return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
 
 
+def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Terminates `process` (SIGTERM), killing it if it has not ended within `timeout`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,10 +143,5 @@ def kafka_broker(directory: pathlib.Path, timeout: float = 60.0) -> Iterator[str
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        broker.terminate()
-        try:
-            broker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop(broker)
         log.close()

@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from shared_data import SHARED, needs_data
 
 import vae
+from benchmarks.services import stop
 from pipeline.ingest import lifecycle
 from pipeline.ingest.datasets import load_dataset
 from pipeline.ingest.dead_letter import REASONS
@@ -437,12 +438,7 @@ def test_batch_job_through_the_portable_runner_and_python_job_service(
         result = run_training(options)
         assert result is not None and result.state == "DONE"
     finally:
-        service.terminate()
-        try:
-            service.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait(timeout=30)
+        stop(service)
         service_log.close()
 
     assert _state(run)["examples_seen"] == 30

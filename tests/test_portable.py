@@ -23,7 +23,7 @@ import pytest
 from services import needed
 
 import vae
-from benchmarks.services import free_port, prism_flags, service_path
+from benchmarks.services import free_port, prism_flags, service_path, stop
 from pipeline.ingest.datasets import load_dataset
 from pipeline.outputs.scores import read_scores
 from vae.snapshot_format import read_metadata, version_directories
@@ -51,8 +51,7 @@ def prism_job_server(log: pathlib.Path) -> Iterator[str]:
                 time.sleep(0.1)
             yield f"localhost:{port}"
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop(server)
 
 
 def _aevb(*args: str) -> None:

@@ -23,6 +23,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 
+from benchmarks.services import stop
 from pipeline.ingest.datasets import load_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -147,12 +148,7 @@ def prometheus(tmp_path: pathlib.Path):
         )
         yield Prometheus(base_url), metrics_port
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=20)
         log.close()
 
 
