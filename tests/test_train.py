@@ -343,8 +343,9 @@ def test_checkpoint_restore_continues_bit_identically(tmp_path) -> None:
     results = [restored.train_step(x) for x in batches[2:5]]
     for a, b in zip(expected, results, strict=True):
         _assert_same_results(a, b)
-    # parameters, accumulators, the updates they hold and a pending restart, counters, rng
-    assert len(expected_state) == 8 + 8 + 1 + 1 + 3 + 1
+    # parameters, accumulators, the updates they hold, a pending restart and the step boost,
+    # counters, rng
+    assert len(expected_state) == 8 + 8 + 1 + 1 + 1 + 3 + 1
     for a, b in zip(expected_state, _state(restored), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (restored.step, restored.examples_seen, restored.skipped_steps) == (5, 24, 1)
