@@ -35,7 +35,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from benchmarks.job import steady_rate
 from benchmarks.machine import machine
-from benchmarks.services import expansion_service_jar, kafka_broker, prism_flags
+from benchmarks.services import expansion_service_jar, kafka_broker, prism_flags, stop
 from pipeline.ingest.datasets import Dataset
 from pipeline.jobs.options import DEFAULT_RUNNER
 from pipeline.jobs.produce import produce
@@ -180,14 +180,9 @@ def _latency_run(
         # (its models were checkpointed at the end of every bundle).
         job.send_signal(signal.SIGINT)
         time.sleep(2)
-        job.send_signal(signal.SIGINT)
         # Time to stop Prism and the expansion service it started: killed, the job would
         # leave both running.
-        try:
-            job.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            job.kill()
-            job.wait()
+        stop(job, timeout=60, sig=signal.SIGINT)
         log.close()
         producer.wait(timeout=600)
     lines = [p for p in read_progress(progress) if "elbo" in p]

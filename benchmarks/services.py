@@ -17,6 +17,7 @@ import base64
 import contextlib
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -62,9 +63,12 @@ def prism_flags() -> list[str]:
     return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
 
 
-def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Terminates `process` (SIGTERM), killing it if it has not ended within `timeout`."""
-    process.terminate()
+def stop(
+    process: subprocess.Popen, timeout: float = 30.0, sig: signal.Signals = signal.SIGTERM
+) -> None:
+    """Sends `process` `sig` (SIGTERM: terminate), killing it if it has not ended within
+    `timeout`."""
+    process.send_signal(sig)
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

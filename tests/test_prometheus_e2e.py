@@ -242,12 +242,7 @@ def test_bound_drift_alert_follows_a_distribution_switch(prometheus, tmp_path) -
         assert "drift detected by" in log_path.read_text()
     finally:
         if trainer.poll() is None:
-            trainer.send_signal(signal.SIGINT)  # drain: final checkpoint and snapshot
-            try:
-                trainer.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                trainer.kill()
-                trainer.wait()
+            stop(trainer, timeout=60, sig=signal.SIGINT)  # drain: final checkpoint and snapshot
         log.close()
 
 
