@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,kafka]'
+	$(BIN)/pip install --quiet -e '.[dev,kafka,s3]'
 	touch $@
 
 ## The main streaming job: MNIST (or the packaged 5000-image subset when MNIST cannot be had)

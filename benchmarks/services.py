@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -148,4 +149,45 @@ def kafka_broker(directory: pathlib.Path, timeout: float = 60.0) -> Iterator[str
         yield f"127.0.0.1:{port}"
     finally:
         stop(broker)
+        log.close()
+
+
+# What a local S3 server takes: any credentials, one region.
+S3_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "aevb-test",
+    "AWS_SECRET_ACCESS_KEY": "aevb-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def s3_server_executable() -> str:
+    """moto's `moto_server` beside this Python (a dev dependency)."""
+    server = shutil.which("moto_server", path=str(pathlib.Path(sys.executable).parent))
+    if server is None:
+        raise ServiceUnavailable("moto_server is not installed: run `make install`")
+    return server
+
+
+@contextlib.contextmanager
+def s3_server(directory: pathlib.Path, timeout: float = 30.0) -> Iterator[str]:
+    """An S3 endpoint on loopback (moto's server, a dev dependency, as a process); yields
+    its URL. Any credentials are accepted (`S3_TEST_CREDENTIALS`); buckets are created with
+    boto3 or the AWS CLI, as on S3."""
+    server = s3_server_executable()
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    log = (directory / "s3.log").open("w")
+    process = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not _accepts(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                log_text = (directory / "s3.log").read_text()
+                raise ServiceUnavailable(f"the S3 server did not start:\n{log_text}")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
         log.close()

@@ -387,11 +387,6 @@ def test_dead_letter_rejects_unknown_reasons_and_serialises() -> None:
     }
 
 
-def test_write_dead_letters_needs_a_file_system_directory() -> None:
-    with pytest.raises(ValueError, match="object store"):
-        WriteDeadLetters("gs://bucket/run")
-
-
 def test_write_dead_letters_appends_json_lines_and_counts_reasons(tmp_path) -> None:
     letters = [
         DeadLetter("a.csv", "non_numeric", "cell", "line 2: x", 2),

@@ -30,6 +30,7 @@ from pipeline.outputs.metrics_export import MetricsExportError
 from pipeline.outputs.results import print_result
 from pipeline.train.checkpoints import checkpointed_examples
 from pipeline.train.progress import read_progress
+from pipeline.train.run_mirror import configure_stores
 from vae.snapshot_format import read_metadata, resolve_version
 
 logger = logging.getLogger("aevb")
@@ -54,6 +55,7 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError("--regime-memory acts on drift detections: choose a detector")
     except ValueError as error:
         raise UsageError(str(error)) from None
+    configure_stores(options)  # a run directory on a store: its endpoint, credentials
     already = checkpointed_examples(run_dir(aevb), aevb.model_key)
     if aevb.max_examples is not None and already >= aevb.max_examples:
         logger.info(
@@ -102,6 +104,7 @@ def score(args: argparse.Namespace) -> int:
     from pipeline.jobs.score import (
         ScoreOptions,
         models_config,
+        resolve_model_version,
         run_scoring,
         snapshot_config,
         threshold_of,
@@ -115,6 +118,7 @@ def score(args: argparse.Namespace) -> int:
     options = PipelineOptions(flags)
     aevb = options.view_as(AEVBOptions)
     scoring = options.view_as(ScoreOptions)
+    configure_stores(options)  # models on a store: its endpoint, credentials
     try:
         kind, _ = parse_source(aevb.source)
         threshold_of(scoring)
@@ -122,8 +126,10 @@ def score(args: argparse.Namespace) -> int:
             config = models_config(scoring.models)
         else:
             config = snapshot_config(scoring.model)
-            # Loaded once here: a damaged snapshot is one line, not a worker's traceback.
-            load_snapshot(vae.load, resolve_version(scoring.model))
+            # Loaded once here: a damaged snapshot is one line, not a worker's traceback
+            # (on a store, the workers fetch and load it).
+            if "://" not in scoring.model:
+                load_snapshot(vae.load, resolve_version(scoring.model))
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
     if scoring.models and scoring.model_updates == "side-input":
@@ -150,7 +156,7 @@ def score(args: argparse.Namespace) -> int:
         aevb.source,
         f"a model per key in {scoring.models}"
         if scoring.models
-        else resolve_version(scoring.model),
+        else resolve_model_version(scoring.model),
         "following new versions" if args.streaming else "fixed version",
         args.runner,
         " (streaming)" if args.streaming else "",

@@ -233,14 +233,26 @@ def check_paths(args: argparse.Namespace) -> None:
     if data_dir is not None and not pathlib.Path(data_dir).is_dir():
         raise UsageError(f"--data-dir {data_dir} is not a readable directory")
     if args.command == "train":
-        writable_directory(pathlib.Path(args.output), "--output")
+        if "://" not in args.output:  # a store's is checked by the job's first write
+            writable_directory(pathlib.Path(args.output), "--output")
     elif args.command in ("evaluate", "score"):
         from vae.snapshot_format import resolve_version  # imports no TensorFlow
 
         if args.command == "score":
+            if "://" in args.output:
+                raise UsageError(
+                    f"--output {args.output}: scores are written to a local or mounted directory"
+                )
             writable_directory(pathlib.Path(args.output), "--output")
+            if "://" in (args.model or ""):
+                return  # on a store: checked when the job reads it
 
         if getattr(args, "models", None) is not None:
+            if "://" in args.models:
+                raise UsageError(
+                    f"--models {args.models}: a model per key is scored from a local or "
+                    "mounted directory; on an object store, score one key with --model"
+                )
             if not pathlib.Path(args.models).is_dir():
                 raise UsageError(f"--models {args.models} is not a directory")
             return

@@ -526,6 +526,9 @@ def cadence(options: AEVBOptions) -> Cadence:
 
 
 def run_dir(options: AEVBOptions) -> str:
+    """--output: an absolute local path, or an object store's URL as given."""
+    if "://" in options.output and not options.output.startswith("file://"):
+        return options.output
     return os.path.abspath(options.output)
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pathlib
 import uuid
@@ -64,8 +65,14 @@ from pipeline.score.model_handler import (
     SnapshotModelHandler,
     WatchSnapshots,
 )
+from pipeline.train.run_mirror import is_remote, newest_version, read_object, store_options
 from vae.config import VAEConfig
-from vae.snapshot_format import read_metadata, resolve_version, version_directories
+from vae.snapshot_format import (
+    METADATA_PATH,
+    read_metadata,
+    resolve_version,
+    version_directories,
+)
 
 __all__ = [
     "MODEL_UPDATES",
@@ -73,6 +80,7 @@ __all__ = [
     "ScoringJob",
     "build_scoring_pipeline",
     "models_config",
+    "resolve_model_version",
     "run_scoring",
     "snapshot_config",
     "threshold_of",
@@ -166,6 +174,12 @@ class ScoringJob:
 
 def snapshot_config(model: str | os.PathLike) -> VAEConfig:
     """The config of the version `model` resolves to (from its metadata, else loaded)."""
+    if is_remote(model):
+        version = resolve_model_version(os.fspath(model))
+        metadata = read_object(f"{version}/{METADATA_PATH.as_posix()}")
+        if metadata is None:
+            raise FileNotFoundError(f"{version} has no {METADATA_PATH.as_posix()}")
+        return VAEConfig.from_dict(json.loads(metadata)["config"])
     version_dir = resolve_version(model)
     config = read_metadata(version_dir).get("config")
     if config is None:
@@ -173,6 +187,16 @@ def snapshot_config(model: str | os.PathLike) -> VAEConfig:
 
         return vae.load(version_dir).config
     return VAEConfig.from_dict(config)
+
+
+def resolve_model_version(model: str) -> str:
+    """The version directory `model` (a model or version directory) resolves to now."""
+    if not is_remote(model):
+        return os.fspath(resolve_version(model))
+    version = newest_version(model)
+    if version is None:
+        raise FileNotFoundError(f"{model} has no published snapshot version")
+    return version
 
 
 def models_config(models_dir: str | os.PathLike) -> VAEConfig:
@@ -221,7 +245,15 @@ def build_scoring_pipeline(
     streaming = options.view_as(StandardOptions).streaming
     if not score.model and not score.models:
         raise ValueError("--model or --models is required: RUN_DIR/snapshots/<key> or its parent")
-    model = os.path.abspath(score.model or score.models)
+    model = score.model or score.models
+    if is_remote(model):
+        if score.models or score.model_updates == "side-input":
+            raise ValueError(
+                f"{model}: on an object store, score with --model (a model's directory or "
+                "version) and --model-updates poll"
+            )
+    else:
+        model = os.path.abspath(model)
     config = models_config(model) if score.models else snapshot_config(model)
     threshold = threshold_of(score)
     out_dir = os.path.abspath(aevb.output)
@@ -257,9 +289,10 @@ def build_scoring_pipeline(
     else:
         # A batch job scores everything with the version that is newest now, on every worker.
         handler = SnapshotModelHandler(
-            model if streaming else os.fspath(resolve_version(model)),
+            model if streaming else resolve_model_version(model),
             follow=follow,
             poll_interval_seconds=score.model_poll_seconds,
+            store_options=store_options(options),
         )
     metadata = None
     if streaming and score.model_updates == "side-input":

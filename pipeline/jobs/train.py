@@ -16,10 +16,10 @@ can be extended or tested; `run_training` is what `aevb train` calls.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
-import pathlib
 import uuid
 
 import apache_beam as beam
@@ -43,7 +43,8 @@ from pipeline.outputs.dead_letters import WriteDeadLetters
 from pipeline.outputs.metrics import PrometheusObserver
 from pipeline.outputs.metrics_export import MetricsExport
 from pipeline.train.checkpoints import checkpointed_examples, remove_partial_checkpoints
-from pipeline.train.progress import ProgressLog
+from pipeline.train.progress import progress_log
+from pipeline.train.run_mirror import RunMirror, configure_stores, is_remote, store_options
 from pipeline.train.snapshots import remove_staging
 from pipeline.train.trainer import TestSetEvaluation, TrainVAE, close_live_sessions
 
@@ -105,9 +106,13 @@ def build_training_pipeline(
         reset_optimizer_on_drift=options.adaptation == "reset",
         max_models_in_memory=options.max_models_in_memory,
         regime_memory=options.regime_memory,
+        store_options=store_options(options),
     )
     dead_letters = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(
-        directory, model_key=options.model_key, prometheus=prometheus
+        directory,
+        model_key=options.model_key,
+        prometheus=prometheus,
+        store_options=store_options(options),
     )
     return TrainingJob(records=records, dead_letters=dead_letters, job_id=job_id)
 
@@ -128,10 +133,16 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     """
     aevb_options = options.view_as(AEVBOptions)
     directory = run_dir(aevb_options)
-    with RunDirectoryLock(directory):
+    # The job reads the store before Beam would configure it (the flags' --s3_endpoint_url).
+    configure_stores(options)
+    with _hold(directory):
         # Leftovers of a job killed mid-write (a full disk, kill -9): this job owns the
         # directory now, and nothing reads them.
-        for leftover in remove_partial_checkpoints(directory) + remove_staging(directory):
+        if is_remote(directory):
+            leftovers = RunMirror.for_run(directory).remove_unpublished_versions()
+        else:
+            leftovers = remove_partial_checkpoints(directory) + remove_staging(directory)
+        for leftover in leftovers:
             logger.info("removed %s, left by an interrupted write", leftover)
         export = None
         if exports_metrics(aevb_options):
@@ -159,6 +170,15 @@ def run_training(options: PipelineOptions) -> beam.runners.runner.PipelineResult
                 export.close()  # after the final snapshots: the last push includes them
 
 
+def _hold(directory: str) -> contextlib.AbstractContextManager:
+    """The run directory's lock; none on an object store, which has no lock a crashed job
+    would release (one job per run directory is then the user's to keep)."""
+    if not is_remote(directory):
+        return RunDirectoryLock(directory)
+    logger.warning("%s is on an object store: not locked against a second job", directory)
+    return contextlib.nullcontext()
+
+
 def record_drift_schedule(options: AEVBOptions) -> None:
     """Writes a drift scenario's phases into progress.jsonl, so plots mark the true changes."""
     spec = scenario_spec(options)
@@ -177,7 +197,7 @@ def record_drift_schedule(options: AEVBOptions) -> None:
             phase["start"],
             phase["name"],
         )
-    log = ProgressLog(pathlib.Path(run_dir(options)) / "progress.jsonl")
+    log = progress_log(run_dir(options))
     log.write(
         {
             "key": options.model_key,
@@ -185,3 +205,4 @@ def record_drift_schedule(options: AEVBOptions) -> None:
             "drift_schedule": {"scenario": dataclasses.asdict(spec), "phases": phases},
         }
     )
+    log.publish(force=True)

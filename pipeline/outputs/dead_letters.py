@@ -13,7 +13,8 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -22,6 +23,7 @@ from pipeline.ingest.dead_letter import REASONS, DeadLetter
 from pipeline.outputs import metrics
 from pipeline.outputs.jsonl import WorkerJsonLines, read_json_lines
 from pipeline.train.counters import NAMESPACE, beam_counter_name
+from pipeline.train.run_mirror import use_store_options
 
 __all__ = ["DEAD_LETTER_DIR", "DEAD_LETTER_PREFIX", "WriteDeadLetters"]
 
@@ -48,12 +50,16 @@ def _written_letters(directory: str) -> set[tuple]:
 
 
 class _WriteDeadLettersFn(beam.DoFn):
-    def __init__(self, run_dir: str, model_key: str, prometheus: bool) -> None:
+    def __init__(
+        self, run_dir: str, model_key: str, prometheus: bool, store_options: Mapping[str, Any]
+    ) -> None:
         self._run_dir = run_dir
         self._model_key = model_key
         self._prometheus = prometheus
+        self._store_options = store_options
 
     def setup(self) -> None:
+        use_store_options(self._store_options)
         directory = os.path.join(self._run_dir, DEAD_LETTER_DIR)
         self._written = _written_letters(directory)
         self._counters = {
@@ -80,6 +86,9 @@ class _WriteDeadLettersFn(beam.DoFn):
             metrics.count_rejected(self._model_key, letter.reason)
         yield letter
 
+    def finish_bundle(self) -> None:
+        self._file.flush()  # on a store: published (lines were flushed to the working copy)
+
     def teardown(self) -> None:
         if getattr(self, "_file", None) is not None:
             self._file.close()
@@ -91,21 +100,26 @@ class WriteDeadLetters(beam.PTransform):
     With ``prometheus`` they also count in ``aevb_records_rejected_total{model=model_key,
     reason}`` (a rejected record has no trustworthy key of its own: it counts for the job's
     default model key). The letters pass through unchanged, so callers can count or test
-    them. ``run_dir`` must be a local or mounted directory on every worker.
+    them. ``run_dir`` may be on an object store (`pipeline.outputs.jsonl`), reached with
+    ``store_options`` (`pipeline.train.run_mirror.store_options`).
     """
 
-    def __init__(self, run_dir: str, model_key: str = "default", prometheus: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        model_key: str = "default",
+        prometheus: bool = False,
+        store_options: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self._run_dir = os.fspath(run_dir)
         self._model_key = model_key
         self._prometheus = prometheus
-        if "://" in self._run_dir:
-            raise ValueError(
-                f"run_dir {self._run_dir!r}: dead letters are appended to files, which needs "
-                "a local or mounted directory, not an object store"
-            )
+        self._store_options = dict(store_options or {})
 
     def expand(self, letters: beam.PCollection) -> beam.PCollection:
         return letters | "AppendDeadLetters" >> beam.ParDo(
-            _WriteDeadLettersFn(self._run_dir, self._model_key, self._prometheus)
+            _WriteDeadLettersFn(
+                self._run_dir, self._model_key, self._prometheus, self._store_options
+            )
         )

@@ -4,8 +4,10 @@ Unbounded jobs cannot wait for windows to close before writing (Beam's `WriteToT
 them in streaming), so each worker process appends to a file of its own,
 ``DIRECTORY/<prefix>-<host>-<pid>.jsonl``: processes never interleave, and the DoFn
 instances of one process share its file under a lock that keeps lines whole. The file is
-created on the first line, so a clean run leaves no empty files behind. The directory must
-be a local or mounted one on every worker.
+created on the first line, so a clean run leaves no empty files behind. On an object store
+(``s3://...``), which cannot append, the file is written in the process's working copy of
+the directory and republished whole when flushed and closed, and at most every
+`pipeline.train.run_mirror.LOG_PUBLISH_SECONDS` as lines come.
 
 >>> import tempfile
 >>> directory = tempfile.mkdtemp()
@@ -25,6 +27,8 @@ import socket
 import threading
 from typing import Any
 
+from pipeline.train.run_mirror import RunMirror, is_remote, published_objects, read_object
+
 __all__ = ["WorkerJsonLines", "read_json_lines"]
 
 logger = logging.getLogger(__name__)
@@ -43,42 +47,49 @@ class WorkerJsonLines:
     def __init__(
         self, directory: str | os.PathLike, prefix: str, flush_every_line: bool = False
     ) -> None:
-        if "://" in os.fspath(directory):
-            raise ValueError(
-                f"{os.fspath(directory)!r}: JSON lines are appended to files, which needs a "
-                "local or mounted directory, not an object store"
-            )
         self.directory = os.fspath(directory)
         self.prefix = prefix
         self.flush_every_line = flush_every_line
         self._file = None
+        # On a store: this process's working copy of the directory, published from.
+        self._mirror = RunMirror.for_run(self.directory) if is_remote(self.directory) else None
+        self._local = os.fspath(self._mirror.local) if self._mirror else self.directory
+        self._unpublished = False  # lines in the working copy the store has not
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
             if self._file is None:
-                os.makedirs(self.directory, exist_ok=True)
+                os.makedirs(self._local, exist_ok=True)
                 name = f"{self.prefix}-{socket.gethostname()}-{os.getpid()}.jsonl"
-                path = os.path.join(self.directory, name)
+                path = os.path.join(self._local, name)
                 self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- worker's lifetime
                 # A process of the same host and pid before us (a restarted container) may
                 # have died mid-line: start ours on a line of its own.
                 if self._file.tell() and not _ends_with_newline(path):
                     self._file.write("\n")
             self._file.write(line)
-            if self.flush_every_line:
+            if self.flush_every_line or self._mirror is not None:
                 self._file.flush()
+            if self._mirror is not None:
+                self._unpublished = not self._mirror.publish_log(self._file.name)
 
     def flush(self) -> None:
         with self._lock:
             if self._file is not None:
                 self._file.flush()
+                self._publish()
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
                 self._file.close()
+                self._publish()
                 self._file = None
+
+    def _publish(self) -> None:
+        if self._mirror is not None and self._unpublished:
+            self._unpublished = not self._mirror.publish_log(self._file.name, force=True)
 
 
 def _ends_with_newline(path: str) -> bool:
@@ -88,14 +99,20 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def read_json_lines(directory: str | os.PathLike, prefix: str) -> list[dict[str, Any]]:
-    """Every whole line of every worker's ``<prefix>-*.jsonl`` in ``directory``; a line a
-    killed writer left torn (a full disk, kill -9) is skipped."""
+    """Every whole line of every worker's ``<prefix>-*.jsonl`` in ``directory`` (local, or
+    as published on a store); a line a killed writer left torn (a full disk, kill -9) is
+    skipped."""
     records = []
-    for path in sorted(pathlib.Path(directory).glob(f"{prefix}-*.jsonl")):
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    logger.warning("%s: skipping a torn line: %.80s", path, line)
+    if is_remote(directory):
+        pattern = f"{os.fspath(directory).rstrip('/')}/{prefix}-*.jsonl"
+        texts = [(url, read_object(url) or b"") for url in published_objects(pattern)]
+    else:
+        paths = sorted(pathlib.Path(directory).glob(f"{prefix}-*.jsonl"))
+        texts = [(path, path.read_bytes()) for path in paths]
+    for path, text in texts:
+        for line in text.decode("utf-8", errors="replace").splitlines(keepends=True):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                logger.warning("%s: skipping a torn line: %.80s", path, line)
     return records

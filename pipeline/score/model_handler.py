@@ -24,13 +24,16 @@ inside one.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
 import pathlib
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -46,6 +49,13 @@ from pipeline.ingest.dead_letter import (
 )
 from pipeline.ingest.decode import KeyedChunk
 from pipeline.ingest.sources import WatchFiles
+from pipeline.train.run_mirror import (
+    fetch_version,
+    is_remote,
+    newest_version,
+    published_versions,
+    use_store_options,
+)
 from vae.snapshot_format import (
     SAVED_MODEL_FILE,
     read_metadata,
@@ -80,12 +90,21 @@ class _FollowedModel:
 
         self._load = vae.load
         self._clock = clock
-        self._model_dir = pathlib.Path(path)
-        self._follow = follow and not (self._model_dir / SAVED_MODEL_FILE).exists()
         self._interval = poll_interval_seconds
         self._lock = threading.Lock()
-        self._model = self._load(path)
         self._next_poll = clock() + poll_interval_seconds
+        if is_remote(path):
+            # On a store: published versions, fetched into this process's cache to load.
+            self._model_dir = path
+            newest = newest_version(path)
+            if newest is None:
+                raise FileNotFoundError(f"{path} has no published snapshot version")
+            self._follow = follow and newest != path.rstrip("/")
+            self._model = self._load(fetch_version(newest, _version_cache()))
+        else:
+            self._model_dir = pathlib.Path(path)
+            self._follow = follow and not (self._model_dir / SAVED_MODEL_FILE).exists()
+            self._model = self._load(path)
         logger.info("scoring with %s", self._model.path)
 
     def current(self):
@@ -98,11 +117,17 @@ class _FollowedModel:
             return self._model
 
     def _switch_to_newest(self) -> None:
-        versions = version_directories(self._model_dir)
-        if not versions or int(versions[-1].name) <= (self._model.version or 0):
+        if isinstance(self._model_dir, str):
+            versions = published_versions(self._model_dir)
+        else:
+            versions = version_directories(self._model_dir)
+        if not versions or version_number(versions[-1]) <= (self._model.version or 0):
             return
         try:
-            model = self._load(versions[-1])
+            newest = versions[-1]
+            if isinstance(newest, str):
+                newest = fetch_version(newest, _version_cache())
+            model = self._load(newest)
         except Exception as error:  # pruned meanwhile, unreadable, ...: keep scoring
             logger.warning(
                 "cannot load %s, keeping version %s: %s", versions[-1], self._model.version, error
@@ -110,6 +135,20 @@ class _FollowedModel:
             return
         logger.info("switching from version %s to %s", self._model.version, model.version)
         self._model = model
+
+
+def _version_cache() -> pathlib.Path:
+    """Where this process keeps the versions it fetched from a store (removed at exit)."""
+    global _fetched_versions
+    with _fetched_versions_lock:
+        if _fetched_versions is None:
+            _fetched_versions = pathlib.Path(tempfile.mkdtemp(prefix="aevb-versions-"))
+            atexit.register(shutil.rmtree, _fetched_versions, ignore_errors=True)
+        return _fetched_versions
+
+
+_fetched_versions: pathlib.Path | None = None
+_fetched_versions_lock = threading.Lock()
 
 
 class _ChunkModelHandler(ModelHandler[KeyedChunk, PredictionResult, Any]):
@@ -138,18 +177,27 @@ class SnapshotModelHandler(_ChunkModelHandler):
     Args:
         model_path: a version directory, or a model directory: its newest version, and with
             ``follow`` every newer one as it appears (checked every
-            ``poll_interval_seconds``).
+            ``poll_interval_seconds``). Either may be on an object store (``s3://...``,
+            reached with ``store_options``, `pipeline.train.run_mirror.store_options`):
+            published versions are fetched into a temporary directory and loaded from it.
     """
 
     def __init__(
-        self, model_path: str, follow: bool = False, poll_interval_seconds: float = 2.0
+        self,
+        model_path: str,
+        follow: bool = False,
+        poll_interval_seconds: float = 2.0,
+        store_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self._model_path = os.fspath(model_path)
         self._follow = follow
         self._poll_interval = poll_interval_seconds
+        self._store_options = dict(store_options or {})
 
     def load_model(self) -> _FollowedModel:
+        if is_remote(self._model_path):
+            use_store_options(self._store_options)
         return _FollowedModel(self._model_path, self._follow, self._poll_interval)
 
     def update_model_path(self, model_path: str | None = None) -> None:

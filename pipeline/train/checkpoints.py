@@ -39,6 +39,7 @@ import tensorflow as tf
 
 import vae
 from pipeline.train.read_ledger import ReadLedger
+from pipeline.train.run_mirror import RunMirror, is_remote, read_object
 from vae.checkpoint_writer import variables_by_path
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,18 @@ class CheckpointStore:
     # `read_ledger-<N>.json` beside `ckpt-<N>.npz`: which file records checkpoint N has learned.
     LEDGER_PREFIX = "read_ledger-"
 
-    def __init__(self, directory: str | os.PathLike, trainer: vae.Trainer, max_to_keep: int = 3):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        trainer: vae.Trainer,
+        max_to_keep: int = 3,
+        mirror: RunMirror | None = None,
+    ):
         self.directory = pathlib.Path(directory)
         self.trainer = trainer
         self.max_to_keep = max_to_keep
+        # A run directory on a store: `directory` is in the working copy, published to it.
+        self.mirror = mirror
         self.read_ledger = ReadLedger()
         # The number of the checkpoint restored or last written (None: none yet).
         self.saved_number: int | None = None
@@ -71,6 +80,7 @@ class CheckpointStore:
         self.session_arrays: dict[str, np.ndarray] = {}
         # The numbers of the checkpoints on disk, oldest first (None: not listed yet).
         self._kept: list[int] | None = None
+        self._config_published = False
 
     @staticmethod
     def saved_config(directory: str | os.PathLike) -> vae.VAEConfig | None:
@@ -82,6 +92,8 @@ class CheckpointStore:
 
     def restore(self) -> bool:
         """Loads the latest checkpoint into the trainer; False when there is none."""
+        if self.mirror is not None:
+            self._fetch_published()
         number = self._newest_number()
         if number is None:
             return False
@@ -150,8 +162,32 @@ class CheckpointStore:
             "checkpoint": number,
         }
         _write_atomically(self.directory / self.STATE_FILE, json.dumps(state))
+        if self.mirror is not None:
+            # state.json last: it names the checkpoint, which must be whole before it does.
+            new_config = [config_path] if not self._config_published else []
+            ledger = self._ledger_path(number)
+            self.mirror.publish([*new_config, ledger, path, self.directory / self.STATE_FILE])
+            self._config_published = True
         self._forget_old(number)
         return os.fspath(path)
+
+    def _fetch_published(self) -> None:
+        """Brings the newest published checkpoint into the working copy when it is newer
+        than the one there (another worker, or an earlier job, trained the key)."""
+        published = self.mirror.read_json(self.directory / self.STATE_FILE)
+        if published is None:
+            return
+        number = published["checkpoint"]
+        local = _read_state(self.directory).get("checkpoint")
+        self._config_published = True
+        if local is not None and local >= number:
+            return
+        names = [self._path(number), self._ledger_path(number), self.directory / CONFIG_FILE]
+        if not self.mirror.fetch([*names, self.directory / self.STATE_FILE]):
+            raise FileNotFoundError(
+                f"{self.mirror.url_of(self.directory)}: checkpoint {number} is named by "
+                "state.json but not all of it is published (deleted by hand?)"
+            )
 
     def number(self) -> int:
         """The number the next checkpoint gets: the minibatches processed, applied or
@@ -178,7 +214,10 @@ class CheckpointStore:
     def _forget_old(self, newest: int) -> None:
         """Deletes all but the newest `max_to_keep` checkpoints, with their ledgers."""
         if self._kept is None:
-            self._kept = sorted(_numbers_on_disk(self.directory) - {newest})
+            on_disk = _numbers_on_disk(self.directory)
+            if self.mirror is not None:  # with those other workers published
+                on_disk |= _numbers(self.mirror.published(self.directory / "ckpt-*.npz"))
+            self._kept = sorted(on_disk - {newest})
         self._kept.append(newest)
         while len(self._kept) > self.max_to_keep:
             old = self._kept.pop(0)
@@ -190,6 +229,8 @@ class CheckpointStore:
                 *self.directory.glob(f"ckpt-{old}.data-*"),
             ]:
                 path.unlink(missing_ok=True)
+            if self.mirror is not None:
+                self.mirror.withdraw([self._path(old), self._ledger_path(old)])
 
 
 # The paths of the trainer's counters, which `state.json` repeats.
@@ -241,7 +282,10 @@ def _load_arrays(
 
 def _numbers_on_disk(directory: pathlib.Path) -> set[int]:
     """The numbers N of the `ckpt-N` checkpoints in `directory`, of either format."""
-    paths = [*directory.glob("ckpt-*.npz"), *directory.glob("ckpt-*.index")]
+    return _numbers([*directory.glob("ckpt-*.npz"), *directory.glob("ckpt-*.index")])
+
+
+def _numbers(paths: list[pathlib.Path]) -> set[int]:
     return {int(p.name.split(".")[0].removeprefix("ckpt-")) for p in paths}
 
 
@@ -267,7 +311,11 @@ def checkpoint_number(run_dir: str | os.PathLike, key: str) -> int | None:
 
 def saved_state(run_dir: str | os.PathLike, key: str) -> dict[str, Any]:
     """The `state.json` of `key`'s newest checkpoint ({} if none): its "checkpoint" number,
-    "step" and "examples_seen", read without restoring a model."""
+    "step" and "examples_seen", read without restoring a model (on a store: the published
+    one, one read)."""
+    if is_remote(run_dir):
+        data = read_object(f"{os.fspath(run_dir).rstrip('/')}/checkpoints/{key}/state.json")
+        return {} if data is None else json.loads(data)
     return _read_state(pathlib.Path(run_dir) / "checkpoints" / key)
 
 

@@ -22,6 +22,8 @@ import pathlib
 import sys
 from typing import Any, TextIO
 
+from pipeline.train.run_mirror import RunMirror, is_remote, worker_name
+
 logger = logging.getLogger("aevb.progress")
 
 
@@ -32,11 +34,19 @@ class ProgressLog:
         self,
         path: str | os.PathLike,
         stream: TextIO | None = None,
+        mirror: RunMirror | None = None,
     ) -> None:
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stream = stream if stream is not None else sys.stderr
         self._interactive = self._stream.isatty()
+        self.mirror = mirror
+
+    def publish(self, force: bool = False) -> None:
+        """On an object store: republishes the file (at most every
+        `run_mirror.LOG_PUBLISH_SECONDS` unless `force`); nothing on a local disk."""
+        if self.mirror is not None:
+            self.mirror.publish_log(self.path, force=force)
 
     def write(self, entry: dict[str, Any]) -> None:
         # One write of one line in append mode: lines from several worker processes
@@ -52,6 +62,16 @@ class ProgressLog:
             return
         self._stream.write("\r\033[K" + text)
         self._stream.flush()
+
+
+def progress_log(run_dir: str | os.PathLike) -> ProgressLog:
+    """The progress log of a run directory: `RUN_DIR/progress.jsonl`, or on an object store
+    this process's own `progress-<host>-<pid>.jsonl` (a store cannot append to one object
+    from several processes)."""
+    if not is_remote(run_dir):
+        return ProgressLog(pathlib.Path(run_dir) / "progress.jsonl")
+    mirror = RunMirror.for_run(os.fspath(run_dir))
+    return ProgressLog(mirror.local / f"progress-{worker_name()}.jsonl", mirror=mirror)
 
 
 def describe(entry: dict[str, Any]) -> str:

@@ -5,7 +5,11 @@ behaves the same whichever way it is fed. Layout under `RUN_DIR`:
 
     checkpoints/<key>/          training state (restored when the session starts)
     snapshots/<key>/<version>/  SavedModel snapshots (see `pipeline.train.snapshots`)
-    progress.jsonl              one line per logged step, all keys
+    progress.jsonl              one line per logged step, all keys (on an object store:
+                                progress-<host>-<pid>.jsonl, one per worker process)
+
+`RUN_DIR` may be on an object store (`s3://bucket/run`): the session then works in this
+process's working copy and publishes to the store (`pipeline.train.run_mirror`).
 
 >>> import tempfile, numpy as np, vae
 >>> run_dir = tempfile.mkdtemp()
@@ -35,9 +39,10 @@ from pipeline.train.checkpoints import CheckpointStore
 from pipeline.train.drift import DriftDetection, DriftMonitor, DriftSettings
 from pipeline.train.instability import SHARE, InstabilityCheck
 from pipeline.train.observers import SessionObserver
-from pipeline.train.progress import ProgressLog
+from pipeline.train.progress import ProgressLog, progress_log
 from pipeline.train.records import TrainingRecord
 from pipeline.train.regimes import RegimeMemory, Switch
+from pipeline.train.run_mirror import RunMirror, is_remote
 from pipeline.train.snapshots import SnapshotWriter
 from vae.snapshot_format import read_metadata
 
@@ -105,22 +110,24 @@ class TrainingSession:
         reset_optimizer_on_drift: bool = False,
         regime_memory: int = 0,
     ) -> None:
-        self.run_dir = pathlib.Path(run_dir)
+        self.run_dir = os.fspath(run_dir)
         self.key = validate_model_key(key)
         self.cadence = cadence
         self.clock = clock
         self.trainer = vae.Trainer(config)
-        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints" / key, self.trainer)
+        mirror = RunMirror.for_run(self.run_dir) if is_remote(self.run_dir) else None
+        local = pathlib.Path(self.run_dir) if mirror is None else mirror.local
+        self.checkpoints = CheckpointStore(local / "checkpoints" / key, self.trainer, mirror=mirror)
         self.resumed = self.checkpoints.restore()
         # Whether the training state changed since it was restored or last saved.
         self._unsaved = not self.resumed
-        self.snapshots = SnapshotWriter(self.run_dir, key, keep=cadence.keep_snapshots)
-        self.progress = progress or ProgressLog(self.run_dir / "progress.jsonl")
+        self.snapshots = SnapshotWriter(local, key, keep=cadence.keep_snapshots, mirror=mirror)
+        self.progress = progress or progress_log(self.run_dir)
         self.evaluator = evaluator
         self._started = time.perf_counter()
         # From the newest snapshot, not from now: a session restored (after a restart or an
         # eviction) keeps the snapshot cadence, and its close snapshots what came since.
-        newest = self._newest_snapshot_metadata()
+        newest = self.snapshots.newest_metadata()
         self._last_snapshot_time = float(newest.get("created_unix_seconds", clock()))
         self._last_snapshot_examples = newest.get("examples_seen", self.trainer.examples_seen)
         self._last_evaluation_examples = self.trainer.examples_seen
@@ -389,10 +396,6 @@ class TrainingSession:
                     exc_info=not seen,
                 )
 
-    def _newest_snapshot_metadata(self) -> dict[str, Any]:
-        newest = self.snapshots.latest_version()
-        return {} if newest is None else read_metadata(self.snapshots.model_dir / str(newest))
-
     def snapshot(self, reason: str) -> pathlib.Path:
         """Exports the current model as a new snapshot version now."""
         with self._lock:
@@ -427,6 +430,7 @@ class TrainingSession:
                 arrays.update(self.regimes.arrays())
             self.checkpoints.save(self._session_state(), arrays)
             self._unsaved = False
+            self.progress.publish()
         self._last_checkpoint_step = self.trainer.step
 
     def reopen(self) -> None:
@@ -454,6 +458,7 @@ class TrainingSession:
             path = self._snapshot(reason)
         else:
             path = self.snapshots.model_dir / str(newest)
+        self.progress.publish(force=True)
         self._notify("on_close", self.key, reason)
         return path
 

@@ -7,7 +7,9 @@ so a reader polling the directory -- TF Serving, Beam's WatchFilePattern -- neve
 partial model. Versions strictly increase and are never reused, even across restarts and
 after old versions were pruned. Each snapshot carries `assets.extra/aevb.json` and TF
 Serving's warm-up requests, `assets.extra/tf_serving_warmup_requests`: the format is
-`vae.snapshot_format`'s, this module only decides when and where versions appear.
+`vae.snapshot_format`'s, this module only decides when and where versions appear. A run
+directory on an object store has no atomic rename: there a version is published file by
+file with `saved_model.pb` last (`pipeline.train.run_mirror`).
 
 >>> import tempfile, vae
 >>> writer = SnapshotWriter(tempfile.mkdtemp(), "default", keep=2)
@@ -20,18 +22,31 @@ Serving's warm-up requests, `assets.extra/tf_serving_warmup_requests`: the forma
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import posixpath
 import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from vae.snapshot_format import GRAPH_FILE_PREFIX, version_directories
+from pipeline.train.run_mirror import (
+    RunMirror,
+    is_remote,
+    published_versions,
+    read_object,
+)
+from vae.snapshot_format import (
+    GRAPH_FILE_PREFIX,
+    METADATA_PATH,
+    read_metadata,
+    version_directories,
+)
 
 if TYPE_CHECKING:  # TensorFlow: imported by `write` only, so reading the layout stays light
     import vae
 
-__all__ = ["SnapshotWriter", "remove_staging"]
+__all__ = ["SnapshotWriter", "newest_snapshot_metadata", "remove_staging"]
 
 STAGING_DIR = ".staging"
 # `<model>.last_version` in the staging directory: the highest version ever written.
@@ -65,24 +80,56 @@ def _linked_graph(path: pathlib.Path) -> bool:
     return graph and path.stat().st_nlink > 1
 
 
-class SnapshotWriter:
-    """Exports a model as the next version of `RUN_DIR/snapshots/<model_name>/`."""
+def newest_snapshot_metadata(run_dir: str | os.PathLike, model_name: str) -> dict[str, Any]:
+    """The metadata (`assets.extra/aevb.json`) of the newest version of a model under
+    `run_dir` (local, or published on a store); {} when it has none."""
+    model_dir = os.path.join(os.fspath(run_dir), "snapshots", model_name)
+    if not is_remote(run_dir):
+        versions = version_directories(model_dir)
+        return read_metadata(versions[-1]) if versions else {}
+    versions = published_versions(model_dir)
+    data = read_object(f"{versions[-1]}/{METADATA_PATH.as_posix()}") if versions else None
+    return {} if data is None else json.loads(data)
 
-    def __init__(self, run_dir: str | os.PathLike, model_name: str, keep: int = 5) -> None:
+
+class SnapshotWriter:
+    """Exports a model as the next version of `RUN_DIR/snapshots/<model_name>/`.
+
+    With a `mirror`, `run_dir` is its working copy: each version is published to the store
+    once written (`saved_model.pb` last), numbered above every version published before,
+    and pruned there too (`saved_model.pb` first)."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        model_name: str,
+        keep: int = 5,
+        mirror: RunMirror | None = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         snapshots = pathlib.Path(run_dir) / "snapshots"
         self.model_name = model_name
         self.model_dir = snapshots / model_name
         self.keep = keep
+        self.mirror = mirror
         # Staging lives beside the model directories (same file system, so the rename is
         # atomic) under a name TF Serving would never take for a model.
         self._staging = snapshots / STAGING_DIR
         self._high_water_mark = self._staging / f"{model_name}{HIGH_WATER_MARK_SUFFIX}"
 
     def latest_version(self) -> int | None:
-        versions = version_directories(self.model_dir)
-        return int(versions[-1].name) if versions else None
+        versions = [path.name for path in version_directories(self.model_dir)]
+        if self.mirror is not None:
+            published = published_versions(self.mirror.url_of(self.model_dir))
+            versions += [posixpath.basename(url) for url in published]
+        return max(map(int, versions), default=None)
+
+    def newest_metadata(self) -> dict[str, Any]:
+        """The newest version's metadata ({} when there is none)."""
+        if self.mirror is None:
+            return newest_snapshot_metadata(self.model_dir.parent.parent, self.model_name)
+        return newest_snapshot_metadata(self.mirror.url, self.model_name)
 
     def write(self, model: vae.VAE, metadata: dict[str, Any]) -> pathlib.Path:
         """Exports `model` with `metadata` as a new version; returns its directory."""
@@ -112,6 +159,9 @@ class SnapshotWriter:
         staged = self._high_water_mark.with_name(self._high_water_mark.name + ".tmp")
         staged.write_text(str(version))
         os.replace(staged, self._high_water_mark)
+        if self.mirror is not None:
+            self.mirror.publish_version(target)
+            self.mirror.publish([self._high_water_mark])
         self._prune()
         return target
 
@@ -120,6 +170,8 @@ class SnapshotWriter:
             recorded = int(self._high_water_mark.read_text())
         except (FileNotFoundError, ValueError):  # none yet, or one left by an older writer
             recorded = 0
+        if self.mirror is not None:  # what every worker before this one published
+            recorded = max(recorded, int(self.mirror.read_json(self._high_water_mark) or 0))
         return max(recorded, self.latest_version() or 0) + 1
 
     def _prune(self) -> None:
@@ -128,3 +180,6 @@ class SnapshotWriter:
             doomed = pathlib.Path(tempfile.mkdtemp(prefix="pruned-", dir=self._staging)) / old.name
             os.rename(old, doomed)
             shutil.rmtree(doomed.parent, ignore_errors=True)
+        if self.mirror is not None:
+            for url in published_versions(self.mirror.url_of(self.model_dir))[: -self.keep]:
+                self.mirror.withdraw_version(url)

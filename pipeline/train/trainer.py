@@ -28,11 +28,10 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import pathlib
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -54,8 +53,9 @@ from pipeline.train.counters import BeamCounters
 from pipeline.train.drift import DriftSettings
 from pipeline.train.observers import SessionObserver
 from pipeline.train.records import TrainingRecord
+from pipeline.train.run_mirror import is_remote, use_store_options
 from pipeline.train.session import Cadence, TrainingSession
-from vae.snapshot_format import read_metadata, version_directories
+from pipeline.train.snapshots import newest_snapshot_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class TrainerSpec:
     reset_optimizer_on_drift: bool = False
     max_models_in_memory: int | None = None
     regime_memory: int = 0
+    # A run directory on an object store: how workers reach it (`run_mirror.store_options`).
+    store_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class TrainVAE(beam.PTransform):
@@ -130,6 +132,7 @@ class TrainVAE(beam.PTransform):
         reset_optimizer_on_drift: bool = False,
         max_models_in_memory: int | None = None,
         regime_memory: int = 0,
+        store_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.spec = TrainerSpec(
@@ -146,6 +149,7 @@ class TrainVAE(beam.PTransform):
             reset_optimizer_on_drift=reset_optimizer_on_drift,
             max_models_in_memory=max_models_in_memory,
             regime_memory=regime_memory,
+            store_options=dict(store_options or {}),
         )
         if max_models_in_memory is not None and max_models_in_memory < 1:
             raise ValueError(f"max_models_in_memory must be at least 1, got {max_models_in_memory}")
@@ -245,6 +249,7 @@ class TrainerDoFn(beam.DoFn):
         self.evicted_counter = Metrics.counter("aevb", "models_evicted")
 
     def setup(self) -> None:
+        use_store_options(self.spec.store_options)
         self._sessions: dict[str, TrainingSession] = {}
         self._test_data = None
         if self.spec.evaluation is not None and self.spec.cadence.evaluate_every_examples:
@@ -476,7 +481,7 @@ def _open_session(
         session = _live_sessions.get(name)
         revived = None if session is not None else _evicted_sessions.pop(name, None)
         session = session or revived
-        on_disk = checkpoint_number(spec.run_dir, key)
+        on_disk = checkpoint_number(spec.run_dir, key) if _check_due(name, session) else None
         saved = None if session is None else session.checkpoints.saved_number
         if session is None or (on_disk is not None and (saved is None or on_disk > saved)):
             # New here, or another worker process checkpointed the key since: restore.
@@ -505,6 +510,25 @@ def _open_session(
         return session, evicted
 
 
+# On an object store a live session is compared with the published checkpoint at most this
+# often: a read per element would cost more than the training step.
+REMOTE_STALENESS_CHECK_SECONDS = 10.0
+_last_checks: dict[tuple[str, str], float] = {}
+
+
+def _check_due(name: tuple[str, str], session: TrainingSession | None) -> bool:
+    """Whether to compare `name`'s session with the newest checkpoint on disk now: always
+    on a local disk and for a session not live; on a store, every
+    `REMOTE_STALENESS_CHECK_SECONDS`. Called under `_live_lock`."""
+    if session is None or not is_remote(name[0]):
+        return True
+    now = time.monotonic()
+    if now - _last_checks.get(name, -float("inf")) < REMOTE_STALENESS_CHECK_SECONDS:
+        return False
+    _last_checks[name] = now
+    return True
+
+
 def _is_live(run_dir: str, key: str) -> bool:
     with _live_lock:
         return (run_dir, key) in _live_sessions
@@ -516,10 +540,8 @@ def _closed_on_disk(run_dir: str, key: str) -> bool:
     checkpoint = saved_state(run_dir, key)
     if "checkpoint" not in checkpoint:
         return False
-    versions = version_directories(pathlib.Path(run_dir) / "snapshots" / key)
-    return bool(versions) and (
-        read_metadata(versions[-1]).get("examples_seen") == checkpoint["examples_seen"]
-    )
+    newest = newest_snapshot_metadata(run_dir, key)
+    return bool(newest) and newest.get("examples_seen") == checkpoint["examples_seen"]
 
 
 def _close(session: TrainingSession) -> None:
