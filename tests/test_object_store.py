@@ -1,4 +1,4 @@
-"""A run directory on an object store (`pipeline.train.run_mirror`), against a real S3 endpoint
+"""A run directory on an object store (`pipeline.ingest.run_mirror`), against a real S3 endpoint
 (moto's server, as a process on loopback): checkpoints and snapshots published by one worker
 are restored and numbered on by another; a snapshot version is published with its
 `saved_model.pb` last and pruned with it first, so a poller listing the store during writes
@@ -27,13 +27,9 @@ from services import needed
 
 import vae
 from benchmarks.services import S3_TEST_CREDENTIALS, s3_server, s3_server_executable
+from pipeline.ingest import run_mirror
 from pipeline.ingest.datasets import load_dataset
-from pipeline.outputs.jsonl import WorkerJsonLines, read_json_lines
-from pipeline.outputs.scores import read_scores
-from pipeline.score.model_handler import SnapshotModelHandler
-from pipeline.train import run_mirror
-from pipeline.train.checkpoints import CheckpointStore, saved_state
-from pipeline.train.run_mirror import (
+from pipeline.ingest.run_mirror import (
     RunMirror,
     configure_stores,
     fetch_version,
@@ -41,6 +37,10 @@ from pipeline.train.run_mirror import (
     published_versions,
     use_store_options,
 )
+from pipeline.outputs.jsonl import WorkerJsonLines, read_json_lines
+from pipeline.outputs.scores import read_scores
+from pipeline.score.model_handler import SnapshotModelHandler
+from pipeline.train.checkpoints import CheckpointStore, saved_state
 from pipeline.train.snapshots import SnapshotWriter, newest_snapshot_metadata
 from vae.snapshot_format import read_metadata
 

@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import vae
 from pipeline.ingest.keys import validate_model_key
+from pipeline.ingest.run_mirror import configure_stores
 from pipeline.ingest.sources import files_match, parse_source
 from pipeline.jobs.options import (
     AEVBOptions,
@@ -30,7 +31,6 @@ from pipeline.outputs.metrics_export import MetricsExportError
 from pipeline.outputs.results import print_result
 from pipeline.train.checkpoints import checkpointed_examples
 from pipeline.train.progress import read_progress
-from pipeline.train.run_mirror import configure_stores
 from vae.snapshot_format import read_metadata, resolve_version
 
 logger = logging.getLogger("aevb")

@@ -53,6 +53,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.ingest import lifecycle
+from pipeline.ingest.run_mirror import is_remote, newest_version, read_object, store_options
 from pipeline.jobs.options import AEVBOptions, positive_float, positive_int, read_examples
 from pipeline.jobs.run_lock import RunDirectoryLock
 from pipeline.outputs.dead_letters import WriteDeadLetters
@@ -65,7 +66,6 @@ from pipeline.score.model_handler import (
     SnapshotModelHandler,
     WatchSnapshots,
 )
-from pipeline.train.run_mirror import is_remote, newest_version, read_object, store_options
 from vae.config import VAEConfig
 from vae.snapshot_format import (
     METADATA_PATH,

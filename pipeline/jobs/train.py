@@ -26,6 +26,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.ingest import lifecycle
+from pipeline.ingest.run_mirror import RunMirror, configure_stores, is_remote, store_options
 from pipeline.ingest.scenarios import build_scenario
 from pipeline.jobs.options import (
     AEVBOptions,
@@ -44,7 +45,6 @@ from pipeline.outputs.metrics import PrometheusObserver
 from pipeline.outputs.metrics_export import MetricsExport
 from pipeline.train.checkpoints import checkpointed_examples, remove_partial_checkpoints
 from pipeline.train.progress import progress_log
-from pipeline.train.run_mirror import RunMirror, configure_stores, is_remote, store_options
 from pipeline.train.snapshots import remove_staging
 from pipeline.train.trainer import TestSetEvaluation, TrainVAE, close_live_sessions
 

@@ -20,10 +20,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline.ingest.dead_letter import REASONS, DeadLetter
+from pipeline.ingest.run_mirror import use_store_options
 from pipeline.outputs import metrics
 from pipeline.outputs.jsonl import WorkerJsonLines, read_json_lines
 from pipeline.train.counters import NAMESPACE, beam_counter_name
-from pipeline.train.run_mirror import use_store_options
 
 __all__ = ["DEAD_LETTER_DIR", "DEAD_LETTER_PREFIX", "WriteDeadLetters"]
 
@@ -101,7 +101,7 @@ class WriteDeadLetters(beam.PTransform):
     reason}`` (a rejected record has no trustworthy key of its own: it counts for the job's
     default model key). The letters pass through unchanged, so callers can count or test
     them. ``run_dir`` may be on an object store (`pipeline.outputs.jsonl`), reached with
-    ``store_options`` (`pipeline.train.run_mirror.store_options`).
+    ``store_options`` (`pipeline.ingest.run_mirror.store_options`).
     """
 
     def __init__(

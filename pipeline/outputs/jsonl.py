@@ -7,7 +7,7 @@ instances of one process share its file under a lock that keeps lines whole. The
 created on the first line, so a clean run leaves no empty files behind. On an object store
 (``s3://...``), which cannot append, the file is written in the process's working copy of
 the directory and republished whole when flushed and closed, and at most every
-`pipeline.train.run_mirror.LOG_PUBLISH_SECONDS` as lines come.
+`pipeline.ingest.run_mirror.LOG_PUBLISH_SECONDS` as lines come.
 
 >>> import tempfile
 >>> directory = tempfile.mkdtemp()
@@ -27,7 +27,7 @@ import socket
 import threading
 from typing import Any
 
-from pipeline.train.run_mirror import RunMirror, is_remote, published_objects, read_object
+from pipeline.ingest.run_mirror import RunMirror, is_remote, published_objects, read_object
 
 __all__ = ["WorkerJsonLines", "read_json_lines"]
 

@@ -48,14 +48,14 @@ from pipeline.ingest.dead_letter import (
     row_excerpt,
 )
 from pipeline.ingest.decode import KeyedChunk
-from pipeline.ingest.sources import WatchFiles
-from pipeline.train.run_mirror import (
+from pipeline.ingest.run_mirror import (
     fetch_version,
     is_remote,
     newest_version,
     published_versions,
     use_store_options,
 )
+from pipeline.ingest.sources import WatchFiles
 from vae.snapshot_format import (
     SAVED_MODEL_FILE,
     read_metadata,
@@ -178,7 +178,7 @@ class SnapshotModelHandler(_ChunkModelHandler):
         model_path: a version directory, or a model directory: its newest version, and with
             ``follow`` every newer one as it appears (checked every
             ``poll_interval_seconds``). Either may be on an object store (``s3://...``,
-            reached with ``store_options``, `pipeline.train.run_mirror.store_options`):
+            reached with ``store_options``, `pipeline.ingest.run_mirror.store_options`):
             published versions are fetched into a temporary directory and loaded from it.
     """
 

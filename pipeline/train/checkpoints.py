@@ -38,8 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 import vae
+from pipeline.ingest.run_mirror import RunMirror, is_remote, read_object
 from pipeline.train.read_ledger import ReadLedger
-from pipeline.train.run_mirror import RunMirror, is_remote, read_object
 from vae.checkpoint_writer import variables_by_path
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import pathlib
 import sys
 from typing import Any, TextIO
 
-from pipeline.train.run_mirror import RunMirror, is_remote, worker_name
+from pipeline.ingest.run_mirror import RunMirror, is_remote, worker_name
 
 logger = logging.getLogger("aevb.progress")
 

@@ -9,7 +9,7 @@ behaves the same whichever way it is fed. Layout under `RUN_DIR`:
                                 progress-<host>-<pid>.jsonl, one per worker process)
 
 `RUN_DIR` may be on an object store (`s3://bucket/run`): the session then works in this
-process's working copy and publishes to the store (`pipeline.train.run_mirror`).
+process's working copy and publishes to the store (`pipeline.ingest.run_mirror`).
 
 >>> import tempfile, numpy as np, vae
 >>> run_dir = tempfile.mkdtemp()
@@ -35,6 +35,7 @@ import numpy as np
 
 import vae
 from pipeline.ingest.keys import validate_model_key
+from pipeline.ingest.run_mirror import RunMirror, is_remote
 from pipeline.train.checkpoints import CheckpointStore
 from pipeline.train.drift import DriftDetection, DriftMonitor, DriftSettings
 from pipeline.train.instability import SHARE, InstabilityCheck
@@ -42,7 +43,6 @@ from pipeline.train.observers import SessionObserver
 from pipeline.train.progress import ProgressLog, progress_log
 from pipeline.train.records import TrainingRecord
 from pipeline.train.regimes import RegimeMemory, Switch
-from pipeline.train.run_mirror import RunMirror, is_remote
 from pipeline.train.snapshots import SnapshotWriter
 from vae.snapshot_format import read_metadata
 

@@ -9,7 +9,7 @@ after old versions were pruned. Each snapshot carries `assets.extra/aevb.json` a
 Serving's warm-up requests, `assets.extra/tf_serving_warmup_requests`: the format is
 `vae.snapshot_format`'s, this module only decides when and where versions appear. A run
 directory on an object store has no atomic rename: there a version is published file by
-file with `saved_model.pb` last (`pipeline.train.run_mirror`).
+file with `saved_model.pb` last (`pipeline.ingest.run_mirror`).
 
 >>> import tempfile, vae
 >>> writer = SnapshotWriter(tempfile.mkdtemp(), "default", keep=2)
@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from pipeline.train.run_mirror import (
+from pipeline.ingest.run_mirror import (
     RunMirror,
     is_remote,
     published_versions,

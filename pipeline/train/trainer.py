@@ -48,12 +48,12 @@ import vae
 from pipeline.ingest import lifecycle
 from pipeline.ingest.decode import KeyedChunk
 from pipeline.ingest.keys import validate_model_key
+from pipeline.ingest.run_mirror import is_remote, use_store_options
 from pipeline.train.checkpoints import checkpoint_number, saved_state
 from pipeline.train.counters import BeamCounters
 from pipeline.train.drift import DriftSettings
 from pipeline.train.observers import SessionObserver
 from pipeline.train.records import TrainingRecord
-from pipeline.train.run_mirror import is_remote, use_store_options
 from pipeline.train.session import Cadence, TrainingSession
 from pipeline.train.snapshots import newest_snapshot_metadata
 
