@@ -133,23 +133,28 @@ def kafka_broker(directory: pathlib.Path, timeout: float = 60.0) -> Iterator[str
     subprocess.run(
         [*storage_tool, *format_storage, f"--config={properties}"], check=True, capture_output=True
     )
-    log = (directory / "broker.log").open("w")
-    broker = subprocess.Popen(
-        ["java", "-Xmx512m", "-cp", classpath, "kafka.Kafka", str(properties)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while not _accepts(port):
-            if broker.poll() is not None or time.monotonic() > deadline:
-                log_text = (directory / "broker.log").read_text()
-                raise ServiceUnavailable(f"the Kafka broker did not start:\n{log_text}")
-            time.sleep(0.2)
+    broker = ["java", "-Xmx512m", "-cp", classpath, "kafka.Kafka", str(properties)]
+    with _serving(broker, port, directory / "broker.log", "the Kafka broker", timeout):
         yield f"127.0.0.1:{port}"
-    finally:
-        stop(broker)
-        log.close()
+
+
+@contextlib.contextmanager
+def _serving(
+    command: list[str], port: int, log_path: pathlib.Path, name: str, timeout: float
+) -> Iterator[None]:
+    """Runs `command` as a process logging to `log_path` until the block ends, once it
+    accepts connections on `port`; ServiceUnavailable (with its log) if it does not."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while not _accepts(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise ServiceUnavailable(f"{name} did not start:\n{log_path.read_text()}")
+                time.sleep(0.1)
+            yield
+        finally:
+            stop(process)
 
 
 # What a local S3 server takes: any credentials, one region.
@@ -176,18 +181,6 @@ def s3_server(directory: pathlib.Path, timeout: float = 30.0) -> Iterator[str]:
     server = s3_server_executable()
     port = free_port()
     directory.mkdir(parents=True, exist_ok=True)
-    log = (directory / "s3.log").open("w")
-    process = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while not _accepts(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                log_text = (directory / "s3.log").read_text()
-                raise ServiceUnavailable(f"the S3 server did not start:\n{log_text}")
-            time.sleep(0.1)
+    command = [server, "-H", "127.0.0.1", "-p", str(port)]
+    with _serving(command, port, directory / "s3.log", "the S3 server", timeout):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(process)
-        log.close()

@@ -191,32 +191,45 @@ def test_pollers_never_load_a_partial_version_while_versions_are_written(run_url
     model_url = f"{run_url}/snapshots/k"
     # The scoring job's poller (`aevb score --model s3://...`), checking at every call.
     followed = SnapshotModelHandler(model_url, follow=True, poll_interval_seconds=0).load_model()
-    done, loaded, followed_versions = threading.Event(), [], []
+    done, errors = threading.Event(), []
+    loaded: list[int] = []
+    followed_versions: list[int] = []
+    new_version = threading.Condition()
 
     def poll() -> None:  # strict: a listed version that fails to load fails the test
-        while not done.is_set():
-            versions = published_versions(model_url)
-            if loaded and versions[-1].endswith(f"/{loaded[-1]}"):
-                continue  # nothing new since
-            try:
-                local = fetch_version(versions[-1], tmp_path / "cache")
-            except FileNotFoundError:  # pruned between the listing and the fetch
-                continue
-            vae.load(local)  # raises on a partial SavedModel
-            loaded.append(int(local.name))
-            followed_versions.append(followed.current().version)
+        try:
+            while not done.is_set():
+                newest = published_versions(model_url)[-1]  # listed on and on, writes or not
+                if loaded and newest.endswith(f"/{loaded[-1]}"):
+                    continue
+                local = fetch_version(newest, tmp_path / "cache")
+                vae.load(local)  # raises on a partial SavedModel
+                followed_versions.append(followed.current().version)
+                with new_version:
+                    loaded.append(int(local.name))
+                    new_version.notify()
+        except Exception as error:  # failed in the thread: reported by the test
+            errors.append(error)
+            with new_version:
+                new_version.notify()
 
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        for examples in range(1, 6):
-            writer.write(model, {"examples_seen": examples})
+        for version in range(2, 7):
+            writer.write(model, {"examples_seen": version})
+            # The next write waits for the poller to take this one: each write is listed
+            # through, and no version is pruned before the poller has fetched it.
+            with new_version:
+                new_version.wait_for(lambda v=version: v in loaded or errors, timeout=120)
     finally:
         done.set()
         poller.join()
-    assert len(set(loaded)) >= 2, loaded  # it did see versions come
-    assert loaded == sorted(loaded) and followed_versions == sorted(followed_versions)
-    assert followed.current().version == 6
+    assert not errors, errors
+    assert loaded == [1, 2, 3, 4, 5, 6]
+    # The job's poller lists on its own: it may be ahead of ours, never behind, never back.
+    assert followed_versions == sorted(followed_versions) and followed_versions[-1] == 6
+    assert all(mine >= theirs for mine, theirs in zip(followed_versions, loaded, strict=True))
 
 
 def test_worker_json_lines_are_published_to_the_store_and_read_back(run_url):
