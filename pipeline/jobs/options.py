@@ -31,6 +31,7 @@ from pipeline.ingest.datasets import (
 )
 from pipeline.ingest.decode import DEFAULT_MAX_FILE_BYTES
 from pipeline.ingest.read import DatasetReplay, ReadExamples
+from pipeline.ingest.run_mirror import is_remote
 from pipeline.ingest.scenarios import SCENARIOS, ScenarioSpec
 from pipeline.ingest.sources import DEFAULT_SETTLE_SECONDS
 from pipeline.outputs.metrics import PER_KEY_METRICS
@@ -527,7 +528,7 @@ def cadence(options: AEVBOptions) -> Cadence:
 
 def run_dir(options: AEVBOptions) -> str:
     """--output: an absolute local path, or an object store's URL as given."""
-    if "://" in options.output and not options.output.startswith("file://"):
+    if is_remote(options.output):
         return options.output
     return os.path.abspath(options.output)
 

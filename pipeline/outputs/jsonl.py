@@ -23,11 +23,16 @@ import json
 import logging
 import os
 import pathlib
-import socket
 import threading
 from typing import Any
 
-from pipeline.ingest.run_mirror import RunMirror, is_remote, published_objects, read_object
+from pipeline.ingest.run_mirror import (
+    RunMirror,
+    is_remote,
+    published_objects,
+    read_object,
+    worker_name,
+)
 
 __all__ = ["WorkerJsonLines", "read_json_lines"]
 
@@ -61,7 +66,7 @@ class WorkerJsonLines:
         with self._lock:
             if self._file is None:
                 os.makedirs(self._local, exist_ok=True)
-                name = f"{self.prefix}-{socket.gethostname()}-{os.getpid()}.jsonl"
+                name = f"{self.prefix}-{worker_name()}.jsonl"
                 path = os.path.join(self._local, name)
                 self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- worker's lifetime
                 # A process of the same host and pid before us (a restarted container) may
