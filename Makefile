@@ -69,12 +69,14 @@ test: install lint prometheus services
 lint: install
 	$(BIN)/ruff check vae pipeline tests benchmarks
 
-## The speed bar: `aevb bench trainer` against the plain PyTorch step, alternated in one run.
+## The speed bar: `aevb bench trainer` (float32 and bfloat16 steps) against the plain PyTorch step,
+## float32 and bfloat16-autocast, alternated in one run.
 bench-trainer: install
 	test -x .torch-venv/bin/python || ($(PYTHON) -m venv .torch-venv && \
 		.torch-venv/bin/pip install --quiet torch==2.13.0 numpy)
 	$(BIN)/aevb bench trainer --json --repeats 5 \
-		--reference-command "$(abspath .torch-venv/bin/python) $(abspath ../shared/bench/torch_reference.py)"
+		--reference-command "$(abspath .torch-venv/bin/python) $(abspath ../shared/bench/torch_reference.py)" \
+		--reference-command "$(abspath .torch-venv/bin/python) $(abspath ../shared/bench/torch_reference.py) --bf16"
 
 clean:
 	rm -rf $(VENV) $(SERVICES) runs .pytest_cache .ruff_cache

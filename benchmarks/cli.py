@@ -49,8 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--repeats", type=positive_int, default=3)
     trainer.add_argument(
         "--reference-command",
+        action="append",
+        default=[],
         help='a command printing {"samples_per_second": ...} (e.g. the PyTorch reference), '
-        "run alternately with the trainer for a ratio measured in one run",
+        "run alternately with the trainer for a ratio measured in one run; repeatable",
+    )
+    trainer.add_argument(
+        "--precisions",
+        default="float32,bfloat16",
+        type=_precisions,
+        help="the step's precisions to time, alternately (default float32,bfloat16)",
     )
     trainer.add_argument("--json", action="store_true")
 
@@ -173,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _precisions(text: str) -> list[str]:
+    from vae.config import PRECISIONS
+
+    precisions = [precision for precision in text.split(",") if precision]
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if not precisions or unknown:
+        raise argparse.ArgumentTypeError(f"precisions are {', '.join(PRECISIONS)}, got {text!r}")
+    return precisions
+
+
 def _binary_model_config(args: argparse.Namespace) -> Any:
     """The model of the benchmarks that train on synthetic binary data of `--input-dim`."""
     try:
@@ -192,7 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             steps=args.steps,
             warmup_steps=args.warmup_steps,
             repeats=args.repeats,
-            reference_command=args.reference_command,
+            reference_commands=args.reference_command,
+            precisions=args.precisions,
         )
     if args.bench == "pipeline":
         from benchmarks.job import pipeline_throughput

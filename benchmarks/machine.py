@@ -11,6 +11,8 @@ import tensorflow as tf
 
 __all__ = ["PEAK_MATMUL_SIZE", "machine", "matmul_gflops"]
 
+# The /proc/cpuinfo flags that decide how fast a float32 or bfloat16 matmul can be.
+MATRIX_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 # Square enough to reach the BLAS kernel's peak, small enough to time in a fraction of a second.
 PEAK_MATMUL_SIZE = 1024
 
@@ -39,17 +41,21 @@ def matmul_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as handle:
-            names = [
-                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
-            ]
+            lines = handle.read().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
+        flags = next(
+            (set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")),
+            set(),
+        )
     except OSError:
         pass
     return {
         "cpu": cpu,
+        "matrix_instructions": [flag for flag in MATRIX_FLAGS if flag in flags],
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,

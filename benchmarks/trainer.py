@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import statistics
 import subprocess
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,37 +24,49 @@ def trainer_throughput(
     steps: int = 1000,
     warmup_steps: int = 30,
     repeats: int = 3,
-    reference_command: str | None = None,
+    reference_commands: Sequence[str] = (),
+    precisions: Sequence[str] = ("float32",),
 ) -> dict[str, Any]:
-    """Samples per second of `Trainer.train_step` on random binary data.
+    """Samples per second of `Trainer.train_step` on random binary data, in each of
+    `precisions` (`config`'s own first).
 
     The same work as the shared PyTorch reference (`../shared/bench/torch_reference.py`): 50
     distinct minibatches cycled, results fetched to NumPy every step as a pipeline would.
-    With `reference_command`, that command runs between the repeats and the medians of
-    both are compared.
+    The trainers and the `reference_commands` run in turn within each repeat, and the medians
+    are compared: ratios measured in one run, on the same machine load.
     """
-    trainer = vae.Trainer(config)
+    precisions = list(dict.fromkeys([config.precision, *precisions]))
+    trainers = {
+        precision: vae.Trainer(dataclasses.replace(config, precision=precision))
+        for precision in precisions
+    }
     rng = np.random.default_rng(config.seed)
     data = (rng.random((50 * config.batch_size, config.input_dim)) > 0.5).astype(np.float32)
     batches = np.split(data, 50)
-    for index in range(warmup_steps):
-        trainer.train_step(batches[index % 50])
-    runs, reference_runs = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for index in range(steps):
+    for trainer in trainers.values():
+        for index in range(warmup_steps):
             trainer.train_step(batches[index % 50])
-        runs.append(steps * config.batch_size / (time.perf_counter() - started))
-        if reference_command:
-            reference_runs.append(_run_reference(reference_command))
-    samples_per_second = statistics.median(runs)
+    runs: dict[str, list[float]] = {precision: [] for precision in precisions}
+    reference_runs: dict[str, list[float]] = {command: [] for command in reference_commands}
+    for _ in range(repeats):
+        for precision, trainer in trainers.items():
+            started = time.perf_counter()
+            for index in range(steps):
+                trainer.train_step(batches[index % 50])
+            runs[precision].append(steps * config.batch_size / (time.perf_counter() - started))
+        for command in reference_commands:
+            reference_runs[command].append(_run_reference(command))
+    by_precision = {precision: statistics.median(rates) for precision, rates in runs.items()}
+    samples_per_second = by_precision[config.precision]
     flops = vae.train_flops_per_example(config)
     step_gflops = samples_per_second * flops / 1e9
     peak = matmul_gflops(PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE)
     result: dict[str, Any] = {
         "benchmark": "trainer",
         "samples_per_second": samples_per_second,
-        "runs_samples_per_second": runs,
+        "runs_samples_per_second": runs[config.precision],
+        "samples_per_second_by_precision": by_precision,
+        "runs_by_precision": runs,
         "config": config.to_dict(),
         "flops_per_example": flops,
         "achieved_gflops": step_gflops,
@@ -63,13 +77,25 @@ def trainer_throughput(
         ),
         "machine": machine(),
     }
-    if reference_runs:
-        reference = statistics.median(reference_runs)
+    if reference_commands:
+        references = [
+            {
+                "command": command,
+                "samples_per_second": statistics.median(rates),
+                "runs_samples_per_second": rates,
+                "ratio_by_precision": {
+                    precision: rate / statistics.median(rates)
+                    for precision, rate in by_precision.items()
+                },
+            }
+            for command, rates in reference_runs.items()
+        ]
+        first = references[0]
         result.update(
-            reference_command=reference_command,
-            reference_samples_per_second=reference,
-            runs_reference_samples_per_second=reference_runs,
-            ratio_to_reference=samples_per_second / reference,
+            references=references,
+            reference_command=first["command"],
+            reference_samples_per_second=first["samples_per_second"],
+            ratio_to_reference=samples_per_second / first["samples_per_second"],
         )
     return result
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from shared_data import SHARED, needs_data
 
 import vae
+from benchmarks.machine import MATRIX_FLAGS
 from pipeline.cli import main as cli
 from pipeline.ingest.datasets import load_dataset
 from pipeline.train.checkpoints import checkpoint_number
@@ -280,8 +281,15 @@ def test_bench_pipeline_times_job_and_trainer_with_one_config(
 
 
 def test_bench_trainer_json(capsys: pytest.CaptureFixture) -> None:
-    reference = shlex.join(
-        [sys.executable, "-c", "print('warming up'); print('{\"samples_per_second\": 250.0}')"]
+    reference, second_reference = (
+        shlex.join(
+            [
+                sys.executable,
+                "-c",
+                f"print('warming up'); print('{{\"samples_per_second\": {rate}}}')",
+            ]
+        )
+        for rate in (250.0, 500.0)
     )
     argv = [
         "bench",
@@ -301,6 +309,8 @@ def test_bench_trainer_json(capsys: pytest.CaptureFixture) -> None:
         "16",
         "--reference-command",
         reference,
+        "--reference-command",
+        second_reference,
     ]
     capsys.readouterr()
     assert cli.main(argv) == 0
@@ -325,3 +335,13 @@ def test_bench_trainer_json(capsys: pytest.CaptureFixture) -> None:
         result["samples_per_second"] / 250.0, rel=1e-12
     )
     assert np.isfinite(result["ratio_to_reference"])
+    # Both precisions, each against both references, measured in turn.
+    rates = result["samples_per_second_by_precision"]
+    assert (
+        set(rates) == {"float32", "bfloat16"} and rates["float32"] == result["samples_per_second"]
+    )
+    assert [len(runs) for runs in result["runs_by_precision"].values()] == [1, 1]
+    assert [r["samples_per_second"] for r in result["references"]] == [250.0, 500.0]
+    for precision, rate in rates.items():
+        assert result["references"][1]["ratio_by_precision"][precision] == pytest.approx(rate / 500)
+    assert set(result["machine"]["matrix_instructions"]) <= set(MATRIX_FLAGS)

@@ -19,6 +19,7 @@ import importlib
 _EXPORTS = {
     "VAEConfig": "vae.config",
     "UPDATE_CLIP_THRESHOLD": "vae.config",
+    "PRECISIONS": "vae.config",
     "Evaluation": "vae.evaluation",
     "evaluate": "vae.evaluation",
     "bound_per_example": "vae.evaluation",

@@ -19,12 +19,14 @@ from typing import Any, Literal, get_args
 
 Likelihood = Literal["bernoulli", "gaussian"]
 Estimator = Literal["analytic_kl", "monte_carlo_kl"]
+Precision = Literal["float32", "bfloat16"]
 
 LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
 # The paper's SGVB estimator A (eq. 6) estimates the KL term by Monte Carlo too;
 # estimator B (eq. 7) integrates it analytically and has lower variance.
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 ESTIMATOR_ALIASES = {"A": "monte_carlo_kl", "B": "analytic_kl"}
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Spelled out here, not imported from vae.optimizers: this module must not import TensorFlow.
 OPTIMIZERS: tuple[str, ...] = ("adagrad", "rmsprop", "adam")
 # Adafactor's d (Shazeer & Stern 2018, section 6), for an Adagrad that adapts to drift
@@ -71,6 +73,10 @@ class VAEConfig:
         Adagrad's steps by B when a drift detector fires (`Trainer.boost_steps`), the
         boost relaxing back to 1 with a half-life of
         `vae.optimizers.STEP_BOOST_HALF_LIFE_EXAMPLES` examples.
+      precision: the arithmetic of the training step's matrix products. "bfloat16" feeds
+        them bfloat16 inputs (mixed precision: parameters, optimiser state, reductions and
+        the reported bound stay float32); evaluation and exported snapshots compute in
+        float32 whichever the model was trained with.
       init_stddev: parameters start from N(0, init_stddev^2). The paper's "N(0, 0.01)" is
         read as standard deviation 0.01, as in the authors' code and common replications.
       seed: seeds parameter initialisation and the trainer's random generator.
@@ -89,6 +95,7 @@ class VAEConfig:
     accumulator_half_life_examples: float | None = None
     update_clip_threshold: float | None = None
     drift_step_boost: float | None = None
+    precision: Precision = "float32"
     init_stddev: float = 0.01
     seed: int = 0
 
@@ -129,6 +136,8 @@ class VAEConfig:
                 "drift_step_boost must be above 1 and applies to adagrad only, "
                 f"got {boost!r} with {self.optimizer!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.init_stddev > 0:
             raise ValueError(f"init_stddev must be positive, got {self.init_stddev!r}")
 

@@ -45,12 +45,20 @@ PARAMETER_ORDER = tuple(
 
 
 class Dense(tf.Module):
-    """An affine map x @ kernel + bias."""
+    """An affine map x @ kernel + bias; the product computed in `matmul_dtype`, the
+    result float32."""
 
-    def __init__(self, kernel: tf.Variable, bias: tf.Variable, name: str) -> None:
+    def __init__(
+        self,
+        kernel: tf.Variable,
+        bias: tf.Variable,
+        name: str,
+        matmul_dtype: tf.DType = tf.float32,
+    ) -> None:
         super().__init__(name=name)
         self.kernel = kernel
         self.bias = bias
+        self.matmul_dtype = matmul_dtype
 
     @classmethod
     def initialized(
@@ -65,7 +73,11 @@ class Dense(tf.Module):
         return cls(kernel, bias, name)
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(x, self.kernel) + self.bias
+        if self.matmul_dtype == tf.float32:
+            return tf.matmul(x, self.kernel) + self.bias
+        # Mixed precision: the product's inputs rounded, its gradients cast back to float32.
+        product = tf.matmul(tf.cast(x, self.matmul_dtype), tf.cast(self.kernel, self.matmul_dtype))
+        return tf.cast(product, tf.float32) + self.bias
 
 
 class VAE(tf.Module):
@@ -82,16 +94,19 @@ class VAE(tf.Module):
         config: VAEConfig,
         name: str = "vae",
         parameters: Sequence[tf.Variable] | None = None,
+        matmul_dtype: tf.DType = tf.float32,
     ) -> None:
         """A model with new parameters drawn for `config.seed`, or on given `parameters`
         (in the order of `parameters()`): how one compiled training step serves the
-        variables of every model of a configuration (see `vae.train`)."""
+        variables of every model of a configuration (see `vae.train`). The training step
+        passes `config.precision` as `matmul_dtype`; everything else computes in float32."""
         super().__init__(name=name)
         self.config = config
         if parameters is not None:
             given = dict(zip(PARAMETER_ORDER, parameters, strict=True))
             for layer in LAYERS:
-                setattr(self, layer, Dense(given[layer, "kernel"], given[layer, "bias"], layer))
+                kernel, bias = given[layer, "kernel"], given[layer, "bias"]
+                setattr(self, layer, Dense(kernel, bias, layer, matmul_dtype))
             return
         # NumPy's generator makes initialisation identical on every platform for a seed.
         rng = np.random.default_rng(config.seed)

@@ -91,7 +91,8 @@ class StepProgram:
 
     def __init__(self, config: VAEConfig) -> None:
         self.config = config
-        self._function = tf.function(self._train_step, jit_compile=True)
+        self._jit_compile = uses_xla(config)
+        self._function = tf.function(self._train_step, jit_compile=self._jit_compile)
         self._traced: tf.types.experimental.ConcreteFunction | None = None
         self._trainers: weakref.WeakSet[Trainer] = weakref.WeakSet()
 
@@ -109,7 +110,7 @@ class StepProgram:
                 tf.TensorSpec([None, self.config.input_dim], tf.float32),
                 tf.TensorSpec([], tf.int32),
             ],
-            jit_compile=True,
+            jit_compile=self._jit_compile,
         )
 
     @property
@@ -139,7 +140,7 @@ class StepProgram:
     ) -> tuple[tf.Tensor, tf.Tensor]:
         config = self.config
         parameters = state["parameters"]
-        model = VAE(config, parameters=parameters)
+        model = VAE(config, parameters=parameters, matmul_dtype=tf.as_dtype(config.precision))
         optimizer = make_optimizer(
             config.optimizer,
             parameters,
@@ -186,6 +187,18 @@ class StepProgram:
             ]
         )
         return measured, counters
+
+
+def uses_xla(config: VAEConfig) -> bool:
+    """Whether the step of `config` is compiled by XLA: in float32 only.
+
+    XLA on the CPU (TensorFlow 2.21) computes a bfloat16 dot in float32: its optimised HLO
+    converts both operands to f32 before the `dot` and rounds the product back to bf16, so a
+    bfloat16 step compiled by XLA would do the float32 work plus the conversions. In graph
+    mode the MatMul kernel is oneDNN's, which multiplies bfloat16 with the CPU's bfloat16
+    instructions (AVX512_BF16, AMX) where it has them.
+    """
+    return config.precision == "float32"
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from pipeline.jobs.options import (
     drift_settings,
     load_data,
     model_config,
+    resolve_precision,
     run_dir,
     scenario_spec,
     writable_directory,
@@ -44,6 +45,7 @@ def train(args: argparse.Namespace) -> int:
     aevb = options.view_as(AEVBOptions)
     try:
         kind, _ = parse_source(aevb.source)
+        precision_choice = resolve_precision(aevb)  # before the workers read the options
         config = model_config(aevb)
         cadence(aevb)  # validates the cadence flags together
         detector = drift_settings(aevb)  # and the drift detector's
@@ -75,6 +77,10 @@ def train(args: argparse.Namespace) -> int:
             dataset.name,
             len(dataset.train),
             dataset.source,
+        )
+    if precision_choice is not None:
+        logger.info(
+            "--precision auto: %s, as %s", precision_choice.precision, precision_choice.reason
         )
     logger.info(
         "training %s from %s on %s%s; run directory %s",
@@ -299,6 +305,5 @@ def _describe_config(config: vae.VAEConfig) -> str:
     return (
         f"{config.input_dim}-{config.hidden_dim}-{config.latent_dim} {config.likelihood} VAE "
         f"(M={config.batch_size}, L={config.samples_per_example}, {config.estimator}, "
-        + ", ".join(optimizer)
-        + ")"
+        f"{config.precision} matmuls, " + ", ".join(optimizer) + ")"
     )

@@ -42,9 +42,10 @@ from pipeline.train.adaptation import (
     DEFAULT_LEARNING_RATES,
     adaptation_fields,
 )
-from vae.config import LIKELIHOODS, VAEConfig
+from vae.config import LIKELIHOODS, PRECISIONS, VAEConfig
 
 if TYPE_CHECKING:
+    from pipeline.train.precision import PrecisionChoice
     from pipeline.train.session import Cadence
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -137,6 +138,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
             help="MAP prior N(0, I) on the parameters, as 1/N for N examples (default off)",
         ),
         parser.add_argument("--seed", type=non_negative_int, default=0),
+        parser.add_argument(
+            "--precision",
+            choices=(*PRECISIONS, "auto"),
+            default="float32",
+            help="the training step's matrix products: float32 (default), bfloat16 (mixed "
+            "precision: float32 parameters, optimiser state and bound), or auto (bfloat16 "
+            "where this CPU has bfloat16 matrix instructions and its step measures faster)",
+        ),
         parser.add_argument(
             "--adaptation",
             choices=ADAPTATIONS,
@@ -493,7 +502,10 @@ def model_config(
     input_dim: int | None = None,
     likelihood: str | None = None,
 ) -> VAEConfig:
-    """The model the flags describe; input width and likelihood default to `input_spec`'s."""
+    """The model the flags describe; input width and likelihood default to `input_spec`'s.
+    A `--precision auto` must have been resolved (`resolve_precision`)."""
+    if options.precision not in PRECISIONS:
+        raise ValueError(f"--precision {options.precision} is resolved before the model is built")
     if input_dim is None or likelihood is None:
         input_dim, likelihood = input_spec(options)
     optimizer_fields = adaptation_fields(options.adaptation, options.half_life_examples)
@@ -508,9 +520,27 @@ def model_config(
         batch_size=options.batch_size,
         learning_rate=options.learning_rate or default_learning_rate,
         weight_decay=options.weight_decay,
+        precision=options.precision,
         seed=options.seed,
         **optimizer_fields,
     )
+
+
+def resolve_precision(
+    options: AEVBOptions | argparse.Namespace,
+    input_dim: int | None = None,
+    likelihood: str | None = None,
+) -> PrecisionChoice | None:
+    """Replaces `--precision auto` in `options` by the precision this CPU trains the flags'
+    model faster in, and returns that choice; None when the flags name a precision."""
+    if options.precision != "auto":
+        return None
+    from pipeline.train.precision import choose_precision  # imports TensorFlow
+
+    options.precision = "float32"  # the model to time, in either precision
+    choice = choose_precision(model_config(options, input_dim, likelihood))
+    options.precision = choice.precision
+    return choice
 
 
 def cadence(options: AEVBOptions) -> Cadence:

@@ -160,6 +160,8 @@ class CheckpointStore:
             "step": int(arrays[STEP_PATH]),
             "examples_seen": int(arrays[EXAMPLES_SEEN_PATH]),
             "checkpoint": number,
+            # What the step computed its products in (config.json keeps the first run's).
+            "precision": self.trainer.config.precision,
         }
         _write_atomically(self.directory / self.STATE_FILE, json.dumps(state))
         if self.mirror is not None:
