@@ -31,6 +31,7 @@ from pipeline.jobs.options import (
     model_flags,
     positive_float,
     positive_int,
+    resolve_precision,
     writable_directory,
 )
 from pipeline.outputs.results import print_result
@@ -194,6 +195,7 @@ def _precisions(text: str) -> list[str]:
 def _binary_model_config(args: argparse.Namespace) -> Any:
     """The model of the benchmarks that train on synthetic binary data of `--input-dim`."""
     try:
+        resolve_precision(args, input_dim=args.input_dim, likelihood="bernoulli")
         return model_config(args, input_dim=args.input_dim, likelihood="bernoulli")
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -352,6 +354,7 @@ def main(argv: Sequence[str]) -> int:
 def _dataset_and_config(args: argparse.Namespace) -> tuple[Dataset, Any]:
     dataset = load_data(args)
     try:
+        resolve_precision(args, dataset.input_dim, dataset.likelihood)
         return dataset, model_config(args, dataset.input_dim, dataset.likelihood)
     except ValueError as error:
         raise UsageError(str(error)) from None
