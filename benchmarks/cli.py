@@ -107,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     batching.add_argument("--repeats", type=positive_int, default=30)
     batching.add_argument("--json", action="store_true")
 
+    variance = benches.add_parser(
+        "gradient-variance",
+        help="the encoder gradient's variance: reparameterised vs score-function, while training",
+    )
+    add_data_flags(variance.add_argument_group("data"))
+    add_model_flags(variance.add_argument_group("model and learning algorithm"))
+    variance.add_argument(
+        "--points",
+        default="0,10000,100000,1000000",
+        type=_examples_list,
+        help="examples seen at which to measure (default 0,10000,100000,1000000)",
+    )
+    variance.add_argument("--draws", type=positive_int, default=100, help="gradients per estimate")
+    variance.add_argument("--json", action="store_true")
+
     memory = benches.add_parser("memory", help="resident memory over a long streaming job")
     add_data_flags(memory.add_argument_group("data"))
     add_model_flags(memory.add_argument_group("model and learning algorithm"))
@@ -180,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drift.add_argument("--json", action="store_true")
     return parser
+
+
+def _examples_list(text: str) -> list[int]:
+    try:
+        points = [int(point) for point in text.split(",") if point]
+    except ValueError:
+        points = []
+    if not points or min(points) < 0:
+        raise argparse.ArgumentTypeError(f"expected examples like 0,10000, got {text!r}")
+    return points
 
 
 def _precisions(text: str) -> list[str]:
@@ -269,6 +294,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from benchmarks.key_batching import key_batching
 
         return key_batching(_binary_model_config(args), keys=args.keys, repeats=args.repeats)
+    if args.bench == "gradient-variance":
+        from benchmarks.gradient_variance import gradient_variance
+
+        dataset, config = _dataset_and_config(args)
+        if args.draws < 2:
+            raise UsageError("--draws: a variance needs at least 2")
+        return gradient_variance(dataset, config, points=args.points, draws=args.draws)
     if args.bench == "memory":
         from benchmarks.memory import memory_growth
 

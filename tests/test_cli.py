@@ -345,3 +345,26 @@ def test_bench_trainer_json(capsys: pytest.CaptureFixture) -> None:
     for precision, rate in rates.items():
         assert result["references"][1]["ratio_by_precision"][precision] == pytest.approx(rate / 500)
     assert set(result["machine"]["matrix_instructions"]) <= set(MATRIX_FLAGS)
+
+
+def test_bench_gradient_variance_compares_the_estimators_while_training(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    argv = ["bench", "gradient-variance", "--dataset", "mnist-5k", "--hidden", "32"]
+    argv += ["--latent-dim", "4", "--points", "0,1000", "--draws", "10", "--json"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    rows = result["rows"]
+    assert [(row["examples_seen"], row["tensor"]) for row in rows] == [
+        (seen, f"{layer}/{weight}")
+        for seen in (0, 1000)
+        for layer in ("encoder_hidden", "encoder_output")
+        for weight in ("bias", "kernel")
+    ]
+    for row in rows:  # the paper's claim, by orders of magnitude
+        assert row["ratio"] == row["score_function_variance"] / row["reparameterized_variance"]
+        assert row["ratio"] > 10, row
+    assert result["min_ratio"] == min(row["ratio"] for row in rows)
+    assert cli.main([*argv[:-3], "--draws", "1", "--json"]) == 2
+    assert "at least 2" in capsys.readouterr().err
