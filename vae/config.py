@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 Likelihood = Literal["bernoulli", "gaussian"]
 Estimator = Literal["analytic_kl", "monte_carlo_kl"]
 Precision = Literal["float32", "bfloat16"]
+Method = Literal["aevb", "wake_sleep"]
 
 LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
 # The paper's SGVB estimator A (eq. 6) estimates the KL term by Monte Carlo too;
@@ -27,6 +28,9 @@ LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 ESTIMATOR_ALIASES = {"A": "monte_carlo_kl", "B": "analytic_kl"}
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+# The paper's baseline (its Figure 2): wake-sleep (Hinton et al. 1995) trains the decoder on
+# z drawn from the encoder and the encoder on the decoder's own dreams.
+METHODS: tuple[str, ...] = get_args(Method)
 # Spelled out here, not imported from vae.optimizers: this module must not import TensorFlow.
 OPTIMIZERS: tuple[str, ...] = ("adagrad", "rmsprop", "adam")
 # Adafactor's d (Shazeer & Stern 2018, section 6), for an Adagrad that adapts to drift
@@ -73,6 +77,10 @@ class VAEConfig:
         Adagrad's steps by B when a drift detector fires (`Trainer.boost_steps`), the
         boost relaxing back to 1 with a half-life of
         `vae.optimizers.STEP_BOOST_HALF_LIFE_EXAMPLES` examples.
+      method: "aevb" (the paper's: both networks ascend the SGVB bound) or "wake_sleep" (the
+        wake phase ascends log p(x, z) in the decoder's parameters for z ~ q(z|x), the sleep
+        phase log q(z|x) in the encoder's for dreams z ~ p(z), x ~ p(x|z)); the bound is
+        estimated and reported the same way for both.
       precision: the arithmetic of the training step's matrix products. "bfloat16" feeds
         them bfloat16 inputs (mixed precision: parameters, optimiser state, reductions and
         the reported bound stay float32); evaluation and exported snapshots compute in
@@ -95,6 +103,7 @@ class VAEConfig:
     accumulator_half_life_examples: float | None = None
     update_clip_threshold: float | None = None
     drift_step_boost: float | None = None
+    method: Method = "aevb"
     precision: Precision = "float32"
     init_stddev: float = 0.01
     seed: int = 0
@@ -136,6 +145,8 @@ class VAEConfig:
                 "drift_step_boost must be above 1 and applies to adagrad only, "
                 f"got {boost!r} with {self.optimizer!r}"
             )
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.init_stddev > 0:

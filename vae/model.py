@@ -186,6 +186,42 @@ class VAE(tf.Module):
         )
         return log_px + self.prior().log_prob(z) - q.log_prob(z)
 
+    def wake_sleep_objective(
+        self, x: tf.Tensor, seed: tf.Tensor | list[int], real: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """What wake-sleep ascends (Hinton et al. 1995; the paper's baseline), as one scalar.
+
+        Wake: log p(x, z) for z ~ q(z|x) held fixed, which moves only the decoder. Sleep:
+        log q(z|x) for dreams z ~ p(z), x ~ p(x|z), as many as x has rows, held fixed, which
+        moves only the encoder. Each is a mean: the wake term over the rows of x where `real`
+        (all when None; False marks padding), the sleep term over the dreams.
+        """
+        x = tf.convert_to_tensor(x, tf.float32)
+        wake_seed, dream_seed, observation_seed = tf.unstack(
+            tf.random.experimental.stateless_split(seed, 3)
+        )
+        z = tf.stop_gradient(reparameterized_sample(self.posterior(x), 1, wake_seed)[0])
+        wake = self.likelihood(z).log_prob(x) + self.prior().log_prob(z)
+        if real is None:
+            real = tf.ones_like(wake, tf.bool)
+        # tf.where, not a product with the mask: a padded row must not turn inf into nan.
+        wake = tf.reduce_sum(tf.where(real, wake, 0.0)) / tf.reduce_sum(tf.cast(real, tf.float32))
+        dream_z = tf.random.stateless_normal(
+            [tf.shape(x)[0], self.config.latent_dim], dream_seed, alg="philox"
+        )
+        dream_x = tf.stop_gradient(self.sample_observations(dream_z, observation_seed))
+        sleep = tf.reduce_mean(self.posterior(dream_x).log_prob(dream_z))
+        return wake + sleep
+
+    def sample_observations(self, z: tf.Tensor, seed: tf.Tensor | list[int]) -> tf.Tensor:
+        """x ~ p(x|z), drawn statelessly from `seed` (0/1 pixels from a Bernoulli decoder)."""
+        likelihood = self.likelihood(z).distribution
+        if self.config.likelihood == "bernoulli":
+            uniform = tf.random.stateless_uniform(tf.shape(likelihood.probs_parameter()), seed)
+            return tf.cast(uniform < likelihood.probs_parameter(), tf.float32)
+        noise = tf.random.stateless_normal(tf.shape(likelihood.loc), seed, alg="philox")
+        return likelihood.loc + likelihood.scale * noise
+
     def prior_log_density(self) -> tf.Tensor:
         """log p(theta) under the MAP prior N(0, I), without its constant."""
         return -0.5 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.parameters()])

@@ -304,6 +304,7 @@ def _describe_config(config: vae.VAEConfig) -> str:
         optimizer.append(f"steps x{config.drift_step_boost:g} at a drift detection")
     return (
         f"{config.input_dim}-{config.hidden_dim}-{config.latent_dim} {config.likelihood} VAE "
+        f"by {config.method.replace('_', '-')} "
         f"(M={config.batch_size}, L={config.samples_per_example}, {config.estimator}, "
         f"{config.precision} matmuls, " + ", ".join(optimizer) + ")"
     )

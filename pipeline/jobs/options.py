@@ -139,6 +139,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
         ),
         parser.add_argument("--seed", type=non_negative_int, default=0),
         parser.add_argument(
+            "--method",
+            choices=("aevb", "wake-sleep"),
+            default="aevb",
+            help="the learning algorithm: aevb (the paper's, default) or wake-sleep (its "
+            "baseline: decoder on z ~ q(z|x), encoder on the decoder's dreams; the same bound "
+            "reported)",
+        ),
+        parser.add_argument(
             "--precision",
             choices=(*PRECISIONS, "auto"),
             default="float32",
@@ -520,6 +528,7 @@ def model_config(
         batch_size=options.batch_size,
         learning_rate=options.learning_rate or default_learning_rate,
         weight_decay=options.weight_decay,
+        method=options.method.replace("-", "_"),
         precision=options.precision,
         seed=options.seed,
         **optimizer_fields,
