@@ -36,7 +36,7 @@ __all__ = [
 # The /proc/cpuinfo flags of the instructions oneDNN multiplies bfloat16 matrices with.
 BFLOAT16_MATRIX_FLAGS = ("avx512_bf16", "amx_bf16")
 # The bfloat16 step must win clearly: on an AMD EPYC with AVX512_BF16 (no AMX) it measured
-# 0.98-1.05x the float32 step in medians of alternated runs (docs/benchmarks.md), within
+# 0.89-1.05x the float32 step in medians of alternated runs (docs/benchmarks.md), within
 # the repeat-to-repeat spread of these machines, and a choice that flips between restarts
 # of a job helps nobody.
 MIN_SPEEDUP = 1.10
