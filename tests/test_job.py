@@ -215,7 +215,12 @@ def test_watched_folder_job_trains_valid_rows_up_to_max_and_stops_by_itself(
     v0, v1, v2 = files["v0.npy"], files["v1.npy"], files["v2.npy"]
     batches = [good_json_rows, v0[:4], v0[4:], v1[:4], v1[4:], v2[:2]]
     _assert_same_state(_checkpointed_state(run, config), _trained_state(config, batches))
-    assert _state(run) == {"step": 6, "examples_seen": max_examples, "checkpoint": 6}
+    assert _state(run) == {
+        "step": 6,
+        "examples_seen": max_examples,
+        "checkpoint": 6,
+        "precision": "float32",
+    }
     assert _snapshots(run)[-1]["examples_seen"] == max_examples  # the final snapshot
 
     letters = _dead_letters(run)
@@ -496,7 +501,12 @@ def test_aevb_train_runs_resumes_and_knows_when_nothing_is_left(tmp_path: pathli
     examples = [e["examples"] for e in resumed]
     # It counted on from 500 (restored, not started again) up to the new limit.
     assert examples == sorted(examples) and examples[0] > 500 and examples[-1] == 1000
-    assert _state(run) == {"step": 20, "examples_seen": 1000, "checkpoint": 20}
+    assert _state(run) == {
+        "step": 20,
+        "examples_seen": 1000,
+        "checkpoint": 20,
+        "precision": "float32",
+    }
     snapshots = _snapshots(run)
     assert [m["examples_seen"] for m in snapshots] == [500, 1000]
     assert snapshots[-1]["version"] > snapshots[0]["version"]

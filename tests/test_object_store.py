@@ -104,7 +104,12 @@ def test_a_checkpoint_published_by_one_worker_is_restored_by_another(run_url, tm
         "read_ledger-6.json",
         "state.json",
     ]
-    assert saved_state(run_url, "k") == {"step": 6, "examples_seen": 24, "checkpoint": 6}
+    assert saved_state(run_url, "k") == {
+        "step": 6,
+        "examples_seen": 24,
+        "checkpoint": 6,
+        "precision": "float32",
+    }
 
     second = RunMirror(run_url, tmp_path / "second")  # another worker: an empty working copy
     resumed = vae.Trainer(CONFIG)

@@ -217,8 +217,9 @@ class VAE(tf.Module):
         """x ~ p(x|z), drawn statelessly from `seed` (0/1 pixels from a Bernoulli decoder)."""
         likelihood = self.likelihood(z).distribution
         if self.config.likelihood == "bernoulli":
-            uniform = tf.random.stateless_uniform(tf.shape(likelihood.probs_parameter()), seed)
-            return tf.cast(uniform < likelihood.probs_parameter(), tf.float32)
+            probabilities = likelihood.probs_parameter()
+            uniform = tf.random.stateless_uniform(tf.shape(probabilities), seed, alg="philox")
+            return tf.cast(uniform < probabilities, tf.float32)
         noise = tf.random.stateless_normal(tf.shape(likelihood.loc), seed, alg="philox")
         return likelihood.loc + likelihood.scale * noise
 
