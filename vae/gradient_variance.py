@@ -29,6 +29,8 @@ compares with.
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -95,22 +97,9 @@ def gradient_moments(
     if draws < 2:
         raise ValueError(f"a variance needs at least 2 draws, got {draws}")
     variables = encoder_variables(model)
+    moments = _compiled_moments(model, estimator)
     x = tf.convert_to_tensor(x, tf.float32)
-
-    @tf.function
-    def moments() -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-        sums = [tf.zeros(v.shape, tf.float64) for v in variables.values()]
-        squares = [tf.zeros(v.shape, tf.float64) for v in variables.values()]
-        for draw in tf.range(draws):
-            with tf.GradientTape() as tape:
-                objective = surrogate_bound(model, x, estimator, tf.stack([seed, draw]))
-            gradients = tape.gradient(objective, list(variables.values()))
-            gradients = [tf.cast(g, tf.float64) for g in gradients]
-            sums = [s + g for s, g in zip(sums, gradients, strict=True)]
-            squares = [s + g * g for s, g in zip(squares, gradients, strict=True)]
-        return sums, squares
-
-    sums, squares = moments()
+    sums, squares = moments(x, tf.constant(seed, tf.int32), tf.constant(draws, tf.int32))
     result = {}
     for name, total, square in zip(variables, sums, squares, strict=True):
         mean = total.numpy() / draws
@@ -118,6 +107,41 @@ def gradient_moments(
         variance = np.maximum(square.numpy() - draws * mean * mean, 0.0) / (draws - 1)
         result[name] = GradientMoments(mean, variance)
     return result
+
+
+# One traced function per model and estimator, reused at every point of a benchmark
+# (a trace of the draw loop costs seconds); weak keys, so the cache keeps no model alive.
+_compiled: weakref.WeakKeyDictionary[VAE, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_moments(model: VAE, estimator: str) -> Any:
+    functions = _compiled.setdefault(model, {})
+    if estimator not in functions:
+        model_ref = weakref.ref(model)
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, model.config.input_dim], tf.float32),
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([], tf.int32),
+            ]
+        )
+        def moments(
+            x: tf.Tensor, seed: tf.Tensor, draws: tf.Tensor
+        ) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+            variables = list(encoder_variables(model_ref()).values())
+            sums = [tf.zeros(v.shape, tf.float64) for v in variables]
+            squares = [tf.zeros(v.shape, tf.float64) for v in variables]
+            for draw in tf.range(draws):
+                with tf.GradientTape() as tape:
+                    objective = surrogate_bound(model_ref(), x, estimator, tf.stack([seed, draw]))
+                gradients = [tf.cast(g, tf.float64) for g in tape.gradient(objective, variables)]
+                sums = [s + g for s, g in zip(sums, gradients, strict=True)]
+                squares = [s + g * g for s, g in zip(squares, gradients, strict=True)]
+            return sums, squares
+
+        functions[estimator] = moments
+    return functions[estimator]
 
 
 __all__ = [
